@@ -1,0 +1,140 @@
+"""The small modules in which the three architectures differ (chosen by ``arch.ArchSpec``).
+
+Each is the literal formula from ANGPT.md; the block code in ``gpt.py`` calls them without
+knowing which architecture it is.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from an_megatron.model.config import ModelConfig
+from an_megatron.model.factors import nu_lerp
+from an_megatron.model.scales import Scale
+
+
+def _local(size: int, config: ModelConfig) -> int:
+    return size // config.tensor_model_parallel_size
+
+
+class RMSNorm(nn.Module):
+    """GPT+'s normalization: ``x / rms(x) * g`` with a learnable gain ``g``."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def hidden_rmsnorm(config: ModelConfig) -> nn.Module:
+    return RMSNorm(config.hidden_size, config.norm_eps)
+
+
+def no_op(config: ModelConfig) -> nn.Module:
+    return nn.Identity()
+
+
+class QKRMSNorm(nn.Module):
+    """GPT+'s QK-norm: RMSNorm over each head of q and of k, one gain per head dimension."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+
+    def forward(self, q, k):
+        return self.q_norm(q), self.k_norm(k)
+
+
+class ScaledUnitQK(nn.Module):
+    """nGPT's and anGPT's exact QK-norm: ``q, k = s_qk * Norm(q), s_qk * Norm(k)`` per head.
+    ``s_qk`` (``H x d_h`` entries) follows the heads, so it is split with them over TP."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.s_qk = Scale(_local(config.hidden_size, config), *config.scale_init("s_qk"), tp_sharded=True)
+
+    def forward(self, q, k):  # (b, s, heads, d_h)
+        s = self.s_qk().view(-1, self.head_dim)
+        return F.normalize(q, dim=-1) * s, F.normalize(k, dim=-1) * s
+
+
+def _alpha(config: ModelConfig) -> Scale:
+    return Scale(config.hidden_size if config.alpha_per_dim else 1, *config.scale_init("alpha"))
+
+
+class AddResidual(nn.Module):
+    """GPT+: ``h + x``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+
+    def forward(self, h, x):
+        return h + x
+
+
+class SphereResidual(nn.Module):
+    """nGPT: ``Norm(h + alpha * (Norm(x) - h))``, every hidden state exactly on the sphere."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.alpha = _alpha(config)
+
+    def forward(self, h, x):
+        return F.normalize(torch.lerp(h, F.normalize(x, dim=-1), self.alpha()), dim=-1)
+
+
+class ScaledLerpResidual(nn.Module):
+    """anGPT: ``nu_lerp(alpha) * (h + alpha * (x - h))``; no norm is computed."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.alpha = _alpha(config)
+        self.use_nu_lerp = config.use_nu_lerp
+
+    def forward(self, h, x):
+        alpha = self.alpha()
+        out = torch.lerp(h, x, alpha)
+        return out * nu_lerp(alpha) if self.use_nu_lerp else out
+
+
+class GateScales(nn.Module):
+    """nGPT's SwiGLU rescale: ``u = s_u * u``, ``z = s_v * sqrt(d) * z``. The ``sqrt(d)`` puts
+    the gate's entries (unit norm over ``f``) at variance ``d / f``, where SiLU is not linear."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        f = _local(config.ffn_hidden_size, config)
+        self.s_u = Scale(f, *config.scale_init("s_u"), tp_sharded=True)
+        self.s_v = Scale(f, *config.scale_init("s_v"), tp_sharded=True)
+        self.sqrt_d = math.sqrt(config.hidden_size)
+
+    def forward(self, u, z):
+        return u * self.s_u(), z * (self.s_v() * self.sqrt_d)
+
+
+class NoGateScales(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+
+    def forward(self, u, z):
+        return u, z
+
+
+class LogitScale(nn.Module):
+    """nGPT's and anGPT's output temperature: ``logits = s_z * (W_out h)``, per vocabulary
+    entry, split over TP like the vocabulary."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.s_z = Scale(_local(config.vocab_size, config), *config.scale_init("s_z"), tp_sharded=True)
+
+    def forward(self, logits):
+        return logits * self.s_z()

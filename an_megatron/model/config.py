@@ -1,0 +1,83 @@
+"""The model's configuration: one dataclass for anGPT, nGPT and GPT+, validated on creation."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from an_megatron.model.factors import check_nu_att
+
+ARCHS = ("angpt", "ngpt", "gptplus")
+WEIGHT_NORMS = ("bound", "normalize", "none")
+
+# (s_init, s_scale) per learnable scale; None means 1/sqrt(d). nGPT's values (ANGPT.md).
+DEFAULT_SCALES = {
+    "alpha": (0.05, None),  # alpha_A and alpha_M, per layer
+    "s_qk": (1.0, None),
+    "s_u": (1.0, 1.0),
+    "s_v": (1.0, 1.0),
+    "s_z": (1.0, None),
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "angpt"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    vocab_size: int = 256  # the (padded) vocabulary the model holds
+    seq_length: int = 256
+    rope_theta: float = 10000.0
+    # anGPT's open choices (ANGPT.md, "Open choices"); defaults backed by benchmarks/RESULTS.md.
+    nu_att: str = "dense"
+    use_nu_lerp: bool = True  # ablation switch: without it the paper reports instability
+    alpha_per_dim: bool = True  # alpha as a vector in R^d (nGPT) or one scalar per block
+    # Learnable scales: {name: (s_init, s_scale)}; unspecified names use DEFAULT_SCALES.
+    scales: dict = field(default_factory=dict)
+    # How weights are kept in the unit ball: anGPT bounds rows, nGPT normalizes exactly, GPT+
+    # uses weight decay instead. None picks the architecture's own.
+    weight_norm: str | None = None
+    init_std: float = 0.02  # GPT+ only; anGPT and nGPT start from unit-norm rows
+    norm_eps: float = 1e-6  # RMSNorm (GPT+)
+    tensor_model_parallel_size: int = 1
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        check_nu_att(self.nu_att)
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.weight_norm is None:
+            self.weight_norm = {"angpt": "bound", "ngpt": "normalize", "gptplus": "none"}[self.arch]
+        if self.weight_norm not in WEIGHT_NORMS:
+            raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
+        unknown = set(self.scales) - set(DEFAULT_SCALES)
+        if unknown:
+            raise ValueError(f"unknown learnable scale(s) {sorted(unknown)}; known: {sorted(DEFAULT_SCALES)}")
+        d, H, tp = self.hidden_size, self.num_attention_heads, self.tensor_model_parallel_size
+        if d % H:
+            raise ValueError(f"hidden-size {d} is not divisible by num-attention-heads {H}")
+        if (d // H) % 2:
+            raise ValueError(f"head size {d // H} (hidden-size / num-attention-heads) must be even for RoPE")
+        if H % tp:
+            raise ValueError(f"tensor-model-parallel-size {tp} does not divide num-attention-heads {H}")
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"tensor-model-parallel-size {tp} does not divide ffn-hidden-size {self.ffn_hidden_size}")
+        if self.vocab_size % tp:
+            raise ValueError(
+                f"tensor-model-parallel-size {tp} does not divide the padded vocabulary size {self.vocab_size}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def scale_init(self, name: str) -> tuple[float, float]:
+        """(s_init, s_scale) of a learnable scale, with s_scale None resolved to 1/sqrt(d)."""
+        s_init, s_scale = self.scales.get(name, DEFAULT_SCALES[name])
+        return s_init, (1.0 / math.sqrt(self.hidden_size) if s_scale is None else s_scale)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,160 @@
+"""Keeping weight vectors in the unit ball: anGPT's bound and nGPT's exact normalization.
+
+anGPT projects every row back into the unit ball after each optimizer step,
+``w_i <- w_i / max(1, ||w_i||)`` (a bound: shorter rows are left alone); nGPT normalizes to
+exactly ``||w_i|| = 1`` along the embedding dimension. Both are "scale each vector of a matrix
+by a function of its norm", so one mechanism serves both, in three settings:
+
+* dense: a whole (local) weight, ``constrain_parameters_``;
+* tensor-parallel: a row-parallel weight splits each row over the TP group, so the squared
+  norm is the sum of the ranks' partial sums (``NormConstraint.tp_split``);
+* ZeRO: the fp32 masters are flat partitions over the data-parallel group, and a partition can
+  begin or end mid-row. ``constrain_fragments_`` takes any flat fragment of a parameter, sums
+  squares per vector locally, all-reduces the sums over the DP group (and the TP group for
+  split rows), then each rank scales only its own fragment.
+
+The vectors are identified by index: element ``k`` of a row-major ``(R, C)`` matrix belongs to
+row ``k // C`` (``dim=1``, norms along the input dimension) or column ``k % C`` (``dim=0``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+MODES = ("bound", "normalize")
+
+
+@dataclass(frozen=True)
+class NormConstraint:
+    """How one weight is kept in the unit ball.
+
+    mode: ``bound`` (``||w_i|| <= max_norm``) or ``normalize`` (``||w_i|| = max_norm``).
+    dim: the axis the norms run along: 1 for rows of an ``(out, in)`` weight, 0 for columns.
+    tp_split: the vectors are split over the tensor-parallel group (rows of a row-parallel
+        weight), so partial sums are all-reduced over it.
+    """
+
+    mode: str
+    dim: int = 1
+    tp_split: bool = False
+    max_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown norm constraint mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.dim not in (0, 1):
+            raise ValueError(f"norm constraint dim must be 0 or 1, got {self.dim}")
+
+
+def vector_index(shape: Sequence[int], dim: int, start: int, numel: int, device=None) -> torch.Tensor:
+    """Index of the vector (row for ``dim=1``, column for ``dim=0``) that each element of the
+    flat fragment ``[start, start + numel)`` of a row-major ``shape = (R, C)`` matrix is in."""
+    cols = shape[1]
+    flat = torch.arange(start, start + numel, device=device)
+    return flat // cols if dim == 1 else flat % cols
+
+
+def num_vectors(shape: Sequence[int], dim: int) -> int:
+    return shape[0] if dim == 1 else shape[1]
+
+
+def partial_sq_norms(fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int) -> torch.Tensor:
+    """Per-vector sums of squares over the elements this fragment holds (zeros elsewhere), fp32."""
+    out = torch.zeros(num_vectors(shape, dim), dtype=torch.float32, device=fragment.device)
+    if fragment.numel():
+        f32 = fragment.detach().reshape(-1).float()
+        out.index_add_(0, vector_index(shape, dim, start, f32.numel(), f32.device), f32 * f32)
+    return out
+
+
+def norm_scales(sq_norms: torch.Tensor, mode: str, max_norm: float = 1.0) -> torch.Tensor:
+    """The factor for each vector: ``max_norm / max(max_norm, ||w||)`` for a bound,
+    ``max_norm / ||w||`` for a normalization (a zero vector stays zero)."""
+    norms = sq_norms.sqrt()
+    if mode == "bound":
+        return max_norm / norms.clamp_min(max_norm)
+    return max_norm / norms.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def apply_scales_(fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int, scales: torch.Tensor) -> None:
+    """Multiply each element of the flat fragment by its vector's scale, in place."""
+    if fragment.numel():
+        idx = vector_index(shape, dim, start, fragment.numel(), fragment.device)
+        flat = fragment.view(-1)
+        flat.mul_(scales.to(flat.dtype)[idx])
+
+
+@dataclass
+class Fragment:
+    """A flat piece ``[start, start + numel)`` of a weight of (local) ``shape``."""
+
+    tensor: torch.Tensor  # the values to constrain, in place (any shape; treated as flat)
+    start: int
+    shape: tuple
+    constraint: NormConstraint
+
+
+def constrain_fragments_(
+    fragments: Sequence[Fragment], dp_group=None, tp_group=None, dp_partitioned: bool = False
+) -> None:
+    """Apply each fragment's constraint, with per-vector norms summed across ranks.
+
+    Every rank passes the same list of weights in the same order (a rank that holds nothing of
+    a weight passes an empty tensor), so the sums line up in one flat buffer: one all-reduce
+    over ``dp_group`` when the weights are partitioned over data-parallel ranks (ZeRO), and one
+    over ``tp_group`` for the weights whose vectors are split over tensor-parallel ranks.
+    """
+    if not fragments:
+        return
+    partials = [partial_sq_norms(f.tensor, f.start, f.shape, f.constraint.dim) for f in fragments]
+    sizes = [p.numel() for p in partials]
+    flat = torch.cat(partials)
+    if dp_partitioned and dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(flat, group=dp_group)
+    split = [i for i, f in enumerate(fragments) if f.constraint.tp_split]
+    sq = list(flat.split(sizes))
+    if split and tp_group is not None and dist.get_world_size(tp_group) > 1:
+        tp_flat = torch.cat([sq[i] for i in split])
+        dist.all_reduce(tp_flat, group=tp_group)
+        for i, part in zip(split, tp_flat.split([sizes[i] for i in split])):
+            sq[i] = part
+    for f, s in zip(fragments, sq):
+        c = f.constraint
+        apply_scales_(f.tensor, f.start, f.shape, c.dim, norm_scales(s, c.mode, c.max_norm))
+
+
+def constrained_parameters(params: Iterable[torch.nn.Parameter]):
+    """The parameters that carry a ``norm_constraint`` (set by the model's layer builders)."""
+    return [p for p in params if getattr(p, "norm_constraint", None) is not None]
+
+
+@torch.no_grad()
+def constrain_parameters_(params: Iterable[torch.nn.Parameter], tp_group=None) -> None:
+    """Apply every parameter's ``norm_constraint`` to its whole local tensor (no ZeRO): the
+    dense and tensor-parallel case. Call after each optimizer step."""
+    frags = [Fragment(p.data, 0, tuple(p.shape), p.norm_constraint) for p in constrained_parameters(params)]
+    if tp_group is None and any(f.constraint.tp_split for f in frags):
+        from an_megatron.parallel import tp_group as _tp_group
+
+        tp_group = _tp_group()
+    constrain_fragments_(frags, tp_group=tp_group)
+
+
+@torch.no_grad()
+def bound_row_norms_(weight: torch.Tensor, max_norm: float = 1.0, tp_group=None) -> torch.Tensor:
+    """anGPT's bound on one weight: ``w_i <- w_i / max(1, ||w_i||)`` for each row. With
+    ``tp_group``, rows are split over that group and whole-row norms are used."""
+    c = NormConstraint("bound", dim=1, tp_split=tp_group is not None, max_norm=max_norm)
+    constrain_fragments_([Fragment(weight, 0, tuple(weight.shape), c)], tp_group=tp_group)
+    return weight
+
+
+@torch.no_grad()
+def normalize_norms_(weight: torch.Tensor, dim: int = 1, tp_group=None) -> torch.Tensor:
+    """nGPT's exact normalization of each row (``dim=1``) or column (``dim=0``) to unit norm."""
+    c = NormConstraint("normalize", dim=dim, tp_split=tp_group is not None)
+    constrain_fragments_([Fragment(weight, 0, tuple(weight.shape), c)], tp_group=tp_group)
+    return weight

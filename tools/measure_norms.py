@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Measure, per layer, the norm of every quantity an anGPT factor claims to normalize.
+
+    python tools/measure_norms.py --arch angpt --num-layers 4 --hidden-size 512 --num-attention-heads 8 --json
+
+Each quantity should be near 1 for anGPT (its factors are expected values for random unit
+vectors); this shows whether that holds for your shapes, on random tokens or on the first
+sequences of a preprocessed corpus (``--data-path``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from an_megatron.model import GPTModel
+from an_megatron.model.arguments import add_model_args, model_config_from_args
+from an_megatron.model.diagnostics import measure_norms
+from an_megatron.parallel import destroy_parallel, initialize_parallel
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of random tokens / the model")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data-path", default=None, help="prefix of a preprocessed corpus (.bin/.idx); random tokens if absent")
+    p.add_argument("--json", action="store_true", help="one JSON object per measured quantity")
+    return p.parse_args(argv)
+
+
+def corpus_tokens(prefix: str, batch: int, seq: int, vocab: int) -> torch.Tensor:
+    """The first ``batch * seq`` tokens of the corpus, as ``(batch, seq)``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    need, chunks, i = batch * seq, [], 0
+    while sum(map(len, chunks)) < need and i < len(ds):
+        chunks.append(torch.as_tensor(ds[i].astype("int64")))
+        i += 1
+    tokens = torch.cat(chunks)[:need]
+    if tokens.numel() < need:
+        raise SystemExit(f"--data-path {prefix}: corpus has {tokens.numel()} tokens, need {need}")
+    if int(tokens.max()) >= vocab:
+        raise SystemExit(f"--data-path {prefix}: token id {int(tokens.max())} >= --vocab-size {vocab}")
+    return tokens.view(batch, seq)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    initialize_parallel(1, 1)
+    try:
+        config = model_config_from_args(args, args.vocab_size)
+        torch.manual_seed(args.seed)
+        model = GPTModel(config)
+        if args.data_path:
+            tokens = corpus_tokens(args.data_path, args.micro_batch_size, args.seq_length, args.vocab_size)
+        else:
+            tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length))
+        records = measure_norms(model, tokens)
+    finally:
+        destroy_parallel()
+    if args.json:
+        for r in records:
+            print(json.dumps(r))
+        return 0
+    print(f"{config.arch}: d={config.hidden_size} H={config.num_attention_heads} f={config.ffn_hidden_size} "
+          f"T={config.seq_length} nu_att={config.nu_att}; norms over {tokens.numel()} tokens (target 1)")
+    print(f"{'layer':>5}  {'quantity':<32} {'mean':>8} {'std':>8}")
+    for r in records:
+        layer = "-" if r["layer"] is None else r["layer"]
+        print(f"{layer:>5}  {r['what']:<32} {r['mean']:8.4f} {r['std']:8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
