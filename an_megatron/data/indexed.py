@@ -210,6 +210,18 @@ def _compact_index_builder_class():
             self.sequence_lengths = array.array("i")
             self.document_indices = array.array("q", [0])
 
+        def add_documents(self, tokens: numpy.ndarray, lengths) -> None:
+            """Append many one-sequence documents: `tokens` concatenated, `lengths` per document.
+
+            The same bytes as add_document() per document, without its per-call overhead.
+            """
+            if len(lengths) == 0:
+                return
+            self.data_file.write(numpy.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+            start = len(self.sequence_lengths)
+            self.sequence_lengths.extend(lengths)
+            self.document_indices.extend(range(start + 1, start + len(lengths) + 1))
+
         def add_index(self, path_prefix: str) -> None:
             """Append a whole dataset (validated first); its dtype must match ours."""
             info = check_indexed_dataset(path_prefix)
