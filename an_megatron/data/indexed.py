@@ -19,9 +19,11 @@ Layout of the .idx file (little-endian), for reference:
 from __future__ import annotations
 
 import array
+import importlib
 import os
 import shutil
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy
@@ -43,11 +45,17 @@ CODE_BY_DTYPE = {numpy.dtype(t): c for c, t in DTYPE_BY_CODE.items()}
 _CHECK_CHUNK = 1 << 22
 
 
+def import_megatron_core(module: str = "megatron.core.datasets.indexed_dataset"):
+    """Import a megatron-core module without its import-time warnings about missing
+    Transformer Engine and Apex, which do not concern the data path."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+        return importlib.import_module(module)
+
+
 def token_dtype_for_vocab(vocab_size: int) -> type:
     """The .bin dtype for token ids, chosen as Megatron's preprocess_data.py does."""
-    from megatron.core.datasets.indexed_dataset import DType
-
-    return DType.optimal_dtype(vocab_size)
+    return import_megatron_core().DType.optimal_dtype(vocab_size)
 
 
 def dataset_paths(prefix: str) -> tuple[str, str]:
@@ -163,10 +171,8 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
 
 def open_indexed_dataset(prefix: str, mmap: bool = True):
     """Validate `prefix` with check_indexed_dataset, then open it as megatron-core's IndexedDataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     check_indexed_dataset(prefix)
-    return IndexedDataset(os.fspath(prefix), multimodal=False, mmap=mmap)
+    return import_megatron_core().IndexedDataset(os.fspath(prefix), multimodal=False, mmap=mmap)
 
 
 def _map(path: str, dtype, offset: int, count: int) -> numpy.ndarray:
@@ -186,7 +192,7 @@ def _has_unfinished_temp(final_path: str) -> bool:
 
 def _compact_index_builder_class():
     """Build the CompactIndexedDatasetBuilder class lazily: megatron-core takes ~5 s to import."""
-    from megatron.core.datasets import indexed_dataset as mcore
+    mcore = import_megatron_core()
 
     class _VectorizedIndexWriter(mcore._IndexWriter):
         """megatron-core's index writer with byte pointers from numpy.cumsum (same bytes)."""

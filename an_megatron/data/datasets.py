@@ -1,0 +1,114 @@
+"""Train/valid/test datasets from --data-path blends and --split, on megatron-core.
+
+A thin mapping of Megatron's flags onto `GPTDatasetConfig` and `BlendedMegatronDatasetBuilder`
+(`MockGPTDataset` for --mock-data). Every prefix is validated with check_indexed_dataset first,
+so a missing or corrupt dataset is a one-line error naming it.
+
+With torch.distributed initialized, megatron-core builds each dataset on global rank 0 first
+(writing the document/sample/shuffle index cache), then all ranks meet at a barrier, then the
+other ranks build it, which loads the cached indices. The cache directory (--data-cache-path,
+or `{prefix}/cache` beside each dataset) must therefore be visible to every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import numpy
+import torch
+
+from an_megatron.data.errors import DataError
+from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
+
+
+def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """Megatron's --data-path: `prefix`, `prefix1 prefix2 ...`, or `w1 prefix1 w2 prefix2 ...`."""
+    if not data_path:
+        raise DataError("--data-path is required (or --mock-data for synthetic tokens)")
+
+    def as_weight(text):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    weights = [as_weight(item) for item in data_path]
+    if all(w is None for w in weights):
+        return list(data_path), None
+    pairs_ok = (len(data_path) % 2 == 0
+                and all(w is not None for w in weights[0::2])
+                and all(w is None for w in weights[1::2]))
+    if not pairs_ok:
+        raise DataError(f"--data-path {' '.join(data_path)}: expected one or more prefixes, or "
+                        f"pairs 'weight prefix weight prefix ...'")
+    blend_weights = weights[0::2]
+    if any(w < 0 for w in blend_weights) or sum(blend_weights) <= 0:
+        raise DataError(f"--data-path weights {blend_weights}: must be >= 0 with a positive sum")
+    return list(data_path[1::2]), blend_weights
+
+
+def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_samples,
+                                    is_built_on_rank=None):
+    """(train, valid, test) datasets; each is a GPTDataset, a BlendedDataset or None.
+
+    Reads args.data_path, split, data_cache_path, mock_data, reset_position_ids,
+    reset_attention_mask, eod_mask_loss (from add_data_args) and args.seq_length, args.seed.
+    `train_valid_test_num_samples` are the samples each split must provide (None: one epoch).
+    `is_built_on_rank` (default: every rank) lets ranks that need no data skip building.
+    Samples are dicts: 'tokens' and 'labels' (seq_length ids each: the labels are the tokens
+    shifted by one), 'loss_mask', 'position_ids' and, with --reset-attention-mask,
+    'attention_mask'.
+    """
+    gpt = import_megatron_core("megatron.core.datasets.gpt_dataset")
+    builder_module = import_megatron_core("megatron.core.datasets.blended_megatron_dataset_builder")
+    if getattr(args, "mock_data", False):
+        blend, dataset_class = None, gpt.MockGPTDataset
+    else:
+        prefixes, weights = parse_data_path(getattr(args, "data_path", None))
+        for prefix in prefixes:
+            info = check_indexed_dataset(prefix)
+            if tokenizer.vocab_size > numpy.iinfo(info.dtype).max + 1:
+                raise DataError(
+                    f"{prefix}: stores {numpy.dtype(info.dtype).name} token ids, too narrow for "
+                    f"the tokenizer's vocab size {tokenizer.vocab_size}: was it preprocessed with "
+                    f"another tokenizer?")
+        blend, dataset_class = (prefixes, weights), gpt.GPTDataset
+    sizes = list(train_valid_test_num_samples)
+    if len(sizes) != 3:
+        raise DataError(f"train_valid_test_num_samples needs 3 entries, got {sizes}")
+    reset_attention_mask = bool(getattr(args, "reset_attention_mask", False))
+    config = gpt.GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        split=getattr(args, "split", "969,30,1") if blend is not None else None,
+        path_to_cache=getattr(args, "data_cache_path", None),
+        tokenizer=tokenizer,
+        reset_position_ids=bool(getattr(args, "reset_position_ids", False)),
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=bool(getattr(args, "eod_mask_loss", False)),
+        # The model builds its causal mask; a [1, s, s] mask per sample is only needed to stop
+        # attention at document ends.
+        create_attention_mask=reset_attention_mask,
+    )
+    builder = builder_module.BlendedMegatronDatasetBuilder(
+        dataset_class, sizes, is_built_on_rank or (lambda: True), config)
+    with _single_process_rank_zero():
+        train, valid, test = builder.build()
+    return train, valid, test
+
+
+@contextlib.contextmanager
+def _single_process_rank_zero():
+    """Without a process group, answer torch.distributed.get_rank() with 0.
+
+    megatron-core 0.16.1's BlendedDataset asks for the rank whenever a cache path is set, even
+    when torch.distributed is not initialized (GPTDataset checks is_initialized() first), so a
+    blend with --data-cache-path fails in single-process runs and tests. With a process group
+    this does nothing.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    with mock.patch.object(torch.distributed, "get_rank", lambda group=None: 0):
+        yield
