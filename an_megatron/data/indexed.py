@@ -170,7 +170,12 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
 
 
 def open_indexed_dataset(prefix: str, mmap: bool = True):
-    """Validate `prefix` with check_indexed_dataset, then open it as megatron-core's IndexedDataset."""
+    """Validate `prefix` with check_indexed_dataset, then open it as megatron-core's IndexedDataset.
+
+    The arrays it returns are views of its memory map, and megatron-core closes the map when the
+    dataset is garbage-collected: keep the dataset referenced while using them (or copy them),
+    or reading them crashes the interpreter.
+    """
     check_indexed_dataset(prefix)
     return import_megatron_core().IndexedDataset(os.fspath(prefix), multimodal=False, mmap=mmap)
 
