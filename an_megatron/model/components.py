@@ -41,15 +41,25 @@ def no_op(config: ModelConfig) -> nn.Module:
 
 
 class QKRMSNorm(nn.Module):
-    """GPT+'s QK-norm: RMSNorm over each head of q and of k, one gain per head dimension."""
+    """GPT+'s QK-norm: RMSNorm over each head of q and of k.
+
+    The gains have one entry per head and head dimension (``H x d_h``, like nGPT's ``s_qk``)
+    and are split with the heads over tensor-parallel ranks. A gain of ``d_h`` entries shared
+    by all heads would see only this rank's heads, so its gradient would be a partial sum.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
-        self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.head_dim, self.eps = config.head_dim, config.norm_eps
+        local = _local(config.hidden_size, config)
+        self.q_gain = Scale(local, 1.0, 1.0, tp_sharded=True)
+        self.k_gain = Scale(local, 1.0, 1.0, tp_sharded=True)
 
-    def forward(self, q, k):
-        return self.q_norm(q), self.k_norm(k)
+    def forward(self, q, k):  # (b, s, heads, d_h)
+        shape = (q.shape[-1],)
+        q = F.rms_norm(q, shape, eps=self.eps) * self.q_gain().view(-1, self.head_dim)
+        k = F.rms_norm(k, shape, eps=self.eps) * self.k_gain().view(-1, self.head_dim)
+        return q, k
 
 
 class ScaledUnitQK(nn.Module):

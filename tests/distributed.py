@@ -1,0 +1,58 @@
+"""Run a function in N processes on gloo (a hang fails after a timeout instead of blocking CI)."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        from an_megatron.parallel import destroy_parallel
+
+        destroy_parallel()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
+    """Call ``fn(*args)`` on ``world_size`` spawned ranks; return the list of their results.
+
+    ``fn`` must be a module-level function; it calls ``initialize_parallel`` itself.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size,
+                                 join=False, start_method="spawn")
+        try:
+            deadline = time.monotonic() + timeout
+            # join returns False whenever one rank finishes while others still run
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"distributed test did not finish within {timeout:.0f} s")
+        except mp.ProcessRaisedException as e:
+            errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+            raise AssertionError("a rank failed:\n" + ("\n".join(errs) or str(e))) from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
