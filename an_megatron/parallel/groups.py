@@ -113,3 +113,23 @@ def deepspeed_topology():
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     return PipeModelDataParallelTopology(num_pp=pp_size(), num_mp=tp_size(), num_dp=dp_size())
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object ``deepspeed.initialize`` asks for, backed by megatron-core's groups.
+
+    DeepSpeed uses it to reduce gradient norms over model-parallel shards (and to count each
+    replicated parameter once) and to find the data-parallel group that ZeRO partitions over.
+    """
+
+    get_model_parallel_rank = staticmethod(tp_rank)
+    get_model_parallel_world_size = staticmethod(tp_size)
+    get_model_parallel_group = staticmethod(tp_group)
+    get_tensor_model_parallel_rank = staticmethod(tp_rank)
+    get_tensor_model_parallel_world_size = staticmethod(tp_size)
+    get_tensor_model_parallel_group = staticmethod(tp_group)
+    get_pipeline_model_parallel_rank = staticmethod(pp_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(pp_size)
+    get_data_parallel_rank = staticmethod(dp_rank)
+    get_data_parallel_world_size = staticmethod(dp_size)
+    get_data_parallel_group = staticmethod(dp_group)
