@@ -148,7 +148,9 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int,
     except RuntimeError as error:
         message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
         if "Vocabulary size" in message:
-            raise DataError(f"--vocab-size {vocab_size}: {message}") from None
+            # Drop SentencePiece's "INTERNAL: trainer_interface.cc(...) [...]" preamble.
+            message = message[message.index("Vocabulary size"):]
+            raise DataError(f"--vocab-size {vocab_size}: {message} for this corpus") from None
         raise DataError(f"SentencePiece training failed: {message}") from None
     finally:
         for ext in (".model", ".vocab"):
