@@ -1,0 +1,150 @@
+"""Pipeline parallelism: the model as a DeepSpeed ``PipelineModule``, run by DeepSpeed's engine.
+
+The pipeline is the model's own pieces in order, ``[Embedding, Block 0 .. Block L-1, Head]``,
+with ``lm_loss`` as the ``loss_fn`` on the last stage. Each piece is a ``LayerSpec``, so a stage
+builds only its own layers; every matrix is seeded by its name (``layers.py``) and each block is
+built with its global index, so the weights are those of ``GPTModel`` with the same config.
+
+Stages are cut by counting ``Block`` layers (``partition_method='type:Block'``): the blocks are
+spread as evenly as possible, the embedding goes with the first block and the head with the
+last. The topology is ``deepspeed_topology()``, so DeepSpeed's grid and megatron-core's
+tensor-parallel groups describe the same ranks.
+
+The training loop::
+
+    module = build_pipeline_module(config)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=..., config=ds_config)
+    engine.set_batch_fn(pipeline_batch)  # GPTDataset dicts -> (tokens, (labels, loss_mask))
+    loss = engine.train_batch(iter(micro_batches))  # pulls gradient_accumulation_steps batches
+
+Only the first and the last stage read from the iterator (others may pass ``None``).
+``train_batch`` returns the step's loss on every rank: the mean over micro-batches (each a
+masked token mean) and over data-parallel replicas.
+
+Names: ``PipelineModule`` registers layer ``i`` as ``"{i}"``, so its parameters are
+``"{i}.<name inside the layer>"``; a DeepSpeed checkpoint stores layer ``i`` of tensor rank
+``t`` as ``layer_{i:02d}-model_{t:02d}-model_states.pt`` with the names inside the layer.
+``gpt_param_name`` / ``pipeline_param_name`` convert between these and ``GPTModel``'s names.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+
+from an_megatron.model.arch import ARCH_SPECS
+from an_megatron.model.config import ModelConfig
+from an_megatron.model.gpt import Block, Embedding, Head, lm_loss
+from an_megatron.parallel.groups import deepspeed_topology
+
+PARTITION_METHOD = "type:Block"
+
+
+def layer_specs(config: ModelConfig) -> list[LayerSpec]:
+    """The model as pipeline layers: index 0 the embedding, 1..L the blocks, L+1 the head."""
+    spec = ARCH_SPECS[config.arch]
+    return (
+        [LayerSpec(Embedding, config)]
+        + [LayerSpec(Block, config, spec, i) for i in range(config.num_layers)]
+        + [LayerSpec(Head, config, spec)]
+    )
+
+
+def pipeline_loss(logits: torch.Tensor, labels_and_mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The pipeline's ``loss_fn``: the engine hands it the head's output and the batch's second
+    element, which ``pipeline_batch`` makes ``(labels, loss_mask)``."""
+    labels, loss_mask = labels_and_mask
+    return lm_loss(logits, labels, loss_mask)
+
+
+def pipeline_batch(batch: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A GPTDataset batch dict as the engine wants it: ``(inputs, labels)``. The first stage
+    reads ``tokens``; the last stage reads ``labels`` and ``loss_mask``, carried together."""
+    return batch["tokens"], (batch["labels"], batch["loss_mask"])
+
+
+def build_pipeline_module(
+    config: ModelConfig,
+    partition_method: str = PARTITION_METHOD,
+    activation_checkpoint_interval: int = 0,
+) -> PipelineModule:
+    """This rank's stage of the model, as a ``PipelineModule`` for ``deepspeed.initialize``.
+
+    Needs ``initialize_parallel(tp, pp)`` first (the topology comes from megatron-core's groups).
+    Pass no ``mpu`` to ``deepspeed.initialize``: it takes the module's grid.
+    """
+    if partition_method == "parameters":
+        # DeepSpeed counts parameters by building every layer on every rank, and the vocabulary
+        # matrices would outweigh the blocks: stages would not hold equal numbers of blocks.
+        raise ValueError("partition_method 'parameters' builds the whole model on every rank; use 'type:Block'")
+    # PipelineModule talks through deepspeed.comm, which must wrap our process group first
+    # (deepspeed.initialize would do it, but only after the module is built).
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return PipelineModule(
+        layers=layer_specs(config),
+        topology=deepspeed_topology(),
+        loss_fn=pipeline_loss,
+        partition_method=partition_method,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+    )
+
+
+# ---- names: PipelineModule / DeepSpeed layer files <-> GPTModel ----
+
+_PIPE_NAME = re.compile(r"(\d+)\.(.+)")
+_GPT_BLOCK_NAME = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def gpt_param_name(pipeline_name: str, num_layers: int) -> str:
+    """``GPTModel``'s name for the pipeline's ``"{i}.<rest>"`` (e.g. ``"3.mlp.down.weight"`` ->
+    ``"layers.2.mlp.down.weight"``)."""
+    m = _PIPE_NAME.fullmatch(pipeline_name)
+    if m is None:
+        raise ValueError(f"not a pipeline parameter name (expected '<layer index>.<name>'): {pipeline_name!r}")
+    return gpt_name_in_layer(int(m.group(1)), m.group(2), num_layers)
+
+
+def gpt_name_in_layer(layer_index: int, name_in_layer: str, num_layers: int) -> str:
+    """``GPTModel``'s name for ``name_in_layer`` of pipeline layer ``layer_index`` (the key of a
+    DeepSpeed ``layer_XX-model_YY-model_states.pt`` file)."""
+    if layer_index == 0:
+        return f"embedding.{name_in_layer}"
+    if 1 <= layer_index <= num_layers:
+        return f"layers.{layer_index - 1}.{name_in_layer}"
+    if layer_index == num_layers + 1:
+        return f"head.{name_in_layer}"
+    raise ValueError(f"pipeline layer index {layer_index} out of range for {num_layers} blocks")
+
+
+def pipeline_param_name(gpt_name: str, num_layers: int) -> str:
+    """The pipeline's ``"{i}.<rest>"`` name for a ``GPTModel`` name (inverse of ``gpt_param_name``)."""
+    first, _, rest = gpt_name.partition(".")
+    if first == "embedding" and rest:
+        return f"0.{rest}"
+    if first == "head" and rest:
+        return f"{num_layers + 1}.{rest}"
+    m = _GPT_BLOCK_NAME.fullmatch(gpt_name)
+    if m is not None and int(m.group(1)) < num_layers:
+        return f"{int(m.group(1)) + 1}.{m.group(2)}"
+    raise ValueError(f"not a GPTModel parameter name for {num_layers} blocks: {gpt_name!r}")
+
+
+def layer_file_name(layer_index: int, tp_rank: int = 0) -> str:
+    """The file DeepSpeed's ``PipelineModule.save_state_dict`` writes for one layer and tensor
+    rank (``ckpt_layer_path`` with our topology's axes; the data axis is omitted)."""
+    return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def gpt_state_dict_from_layer_files(checkpoint_dir: str, num_layers: int, tp_rank: int = 0) -> dict:
+    """One tensor rank's ``GPTModel`` state dict from a DeepSpeed pipeline checkpoint directory
+    (``<save_dir>/<tag>``), whatever the pipeline size it was saved with."""
+    state = {}
+    for layer_index in range(num_layers + 2):
+        path = os.path.join(checkpoint_dir, layer_file_name(layer_index, tp_rank))
+        for name, value in torch.load(path, map_location="cpu", weights_only=False).items():
+            state[gpt_name_in_layer(layer_index, name, num_layers)] = value
+    return state
