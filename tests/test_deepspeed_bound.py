@@ -1,0 +1,207 @@
+"""The norm bound on DeepSpeed's fp32 masters, in every optimizer mode, against one process.
+
+Reference: one process, the whole global batch, torch Adam then ``constrain_parameters_``.
+DeepSpeed: DP=2 (each rank half the batch), ``register_norm_bound`` after ``initialize``.
+Every weight matrix is pushed to 1.5x its unit-norm init, so the bound acts at every step;
+without it (or with it on the model copy only) the weights end ~1.5x off. The runs of each
+file section share one spawn: starting a process that imports DeepSpeed takes ~10 s here.
+"""
+import pytest
+import torch
+
+from distributed import run_distributed
+
+SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
+GLOBAL_BATCH, STEPS, PUSH = 4, 5, 1.5
+
+
+def _tiny_lm(arch, tp):
+    """The tiny GPT plus one constrained 5x7 weight: odd numel, so ZeRO-3 over 2 ranks pads it
+    and cuts it mid-row. Every matrix starts at 1.5x its (unit-row) init."""
+    from an_megatron.model import GPTModel, ModelConfig
+    from an_megatron.optim import NormConstraint
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = GPTModel(ModelConfig(arch=arch, tensor_model_parallel_size=tp, **SHAPE))
+            odd = torch.randn(5, 7)
+            self.odd = torch.nn.Parameter(odd / odd.norm(dim=1, keepdim=True))
+            self.odd.norm_constraint = NormConstraint(self.gpt.config.weight_norm, dim=1)
+
+        def forward(self, tokens, labels):
+            return self.gpt.loss(tokens, labels) + 0.1 * torch.tanh(self.odd).pow(2).mean()
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(PUSH)
+    return model
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, SHAPE["vocab_size"], (STEPS, GLOBAL_BATCH, SHAPE["seq_length"] + 1), generator=gen)
+
+
+def _adam(params):
+    # eps 1e-4: see tests/test_tensor_parallel.py (near-zero gradients summed in another order)
+    return torch.optim.Adam(params, lr=1e-3, eps=1e-4)
+
+
+def _reference(arch):
+    """One process: torch Adam on the whole batch, then the constraint on the weights."""
+    from an_megatron.optim import constrain_parameters_
+
+    model = _tiny_lm(arch, 1)
+    opt = _adam(model.parameters())
+    losses = []
+    for tokens in _batches():
+        opt.zero_grad()
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        constrain_parameters_(model.parameters())
+        losses.append(loss.item())
+    return dict(losses=torch.tensor(losses), weights={n: p.detach().clone() for n, p in model.named_parameters()},
+                dims={n: p.norm_constraint.dim for n, p in model.named_parameters()
+                      if getattr(p, "norm_constraint", None) is not None})
+
+
+def _ds_config(stage, bf16=False, grad_accum_fp32=False):
+    from an_megatron.parallel import dp_size
+
+    cfg = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dp_size(),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if grad_accum_fp32:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
+
+
+def _engine(arch, tp, config):
+    import deepspeed
+
+    from an_megatron.optim.deepspeed_bound import register_norm_bound
+    from an_megatron.parallel import DeepSpeedMPU
+
+    model = _tiny_lm(arch, tp)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=_adam(model.parameters()), config=config,
+                                      mpu=DeepSpeedMPU)
+    return engine, register_norm_bound(engine)
+
+
+def _train(engine):
+    from an_megatron.parallel import dp_rank
+
+    half = GLOBAL_BATCH // 2
+    losses = []
+    for tokens in _batches():
+        mine = tokens[dp_rank() * half:(dp_rank() + 1) * half]
+        loss = engine(mine[:, :-1], mine[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def _full_weights(engine):
+    """Every weight of the model as the full tensor (gathering ZeRO-3 and TP shards)."""
+    import deepspeed
+
+    from an_megatron.parallel import tp_group
+    from an_megatron.parallel.tensor_parallel import full_named_tensors
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=engine.zero_optimization_stage() == 3):
+        return full_named_tensors(engine.module, tp_group())
+
+
+def _zero12_cuts_a_row(engine):
+    """ZeRO-1/2: does this rank's partition begin or end inside a constrained row?"""
+    for p in engine.module.parameters():
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None or getattr(p, "norm_constraint", None) is None:
+            continue
+        a = mapping.lp_fragment_address
+        if a.start % p.shape[1] or (a.start + a.numel) % p.shape[1]:
+            return True
+    return False
+
+
+def _fp32_modes(tp, modes):
+    """Train every (arch, stage) on this world; rank 0 also runs the references (TP=1 only)."""
+    import logging
+
+    import deepspeed
+
+    from an_megatron.parallel import initialize_parallel
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    initialize_parallel(tp, 1)
+    out = {}
+    if tp == 1 and torch.distributed.get_rank() == 0:
+        out["reference"] = {arch: _reference(arch) for arch in sorted({a for a, _ in modes})}
+    for arch, stage in modes:
+        engine, bound = _engine(arch, tp, _ds_config(stage))
+        cuts = _zero12_cuts_a_row(engine) if stage in (1, 2) else None
+        losses = _train(engine)
+        out[arch, stage] = dict(mode=bound.mode, wrapper=type(engine.optimizer).__name__, losses=losses,
+                                weights=_full_weights(engine), cuts_a_row=cuts)
+        engine.destroy()
+    return out
+
+
+FP32_MODES = [("angpt", 0), ("angpt", 1), ("angpt", 2), ("angpt", 3), ("ngpt", 2), ("ngpt", 3)]
+WRAPPERS = {0: ("dense", "Adam"), 1: ("zero-1/2", "DeepSpeedZeroOptimizer"),
+            2: ("zero-1/2", "DeepSpeedZeroOptimizer"), 3: ("zero-3", "DeepSpeedZeroOptimizer_Stage3")}
+
+
+@pytest.fixture(scope="module")
+def dp2_fp32():
+    ranks = run_distributed(_fp32_modes, 2, 1, FP32_MODES, timeout=150)
+    return ranks, ranks[0]["reference"]
+
+
+def _assert_close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f"{what}: {m}")
+
+
+def _assert_matches_reference(ranks, key, ref):
+    arch, stage = key
+    assert (ranks[0][key]["mode"], ranks[0][key]["wrapper"]) == WRAPPERS[stage]
+    # each DP rank's loss is over its half of the batch: their mean is the whole batch's
+    _assert_close(torch.stack([r[key]["losses"] for r in ranks]).mean(0), ref[arch]["losses"], f"{key} losses")
+    for r in ranks:
+        assert r[key]["weights"].keys() == ref[arch]["weights"].keys()
+        for name, w in ref[arch]["weights"].items():
+            _assert_close(r[key]["weights"][name], w, f"{key} weight {name}")
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("key", FP32_MODES, ids=[f"{a}-zero{s}" for a, s in FP32_MODES])
+def test_dp2_matches_one_process(dp2_fp32, key):
+    ranks, ref = dp2_fp32
+    _assert_matches_reference(ranks, key, ref)
+    if key[1] in (1, 2):  # the hard case is covered: a partition boundary inside a row
+        assert any(r[key]["cuts_a_row"] for r in ranks)
+
+
+@pytest.mark.timeout(200)
+def test_reference_bound_acted(dp2_fp32):
+    """The references themselves: anGPT rows at most 1, nGPT rows / columns exactly 1."""
+    _, ref = dp2_fp32
+    for arch in ("angpt", "ngpt"):
+        assert len(ref[arch]["dims"]) == 2 + 4 * SHAPE["num_layers"] + 1  # embedding, head, 4 per layer, odd
+        for name, dim in ref[arch]["dims"].items():
+            norms = ref[arch]["weights"][name].norm(dim=dim)
+            assert norms.max() <= 1 + 1e-5, name
+            assert norms.min() >= 0.95, name  # at the bound (pushed past it), not collapsed
