@@ -169,12 +169,14 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, spec, i) for i in range(config.num_layers))
         self.head = Head(config, spec)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits ``(b, s, V / tp)`` for token ids ``(b, s)``."""
+    def forward(self, tokens: torch.Tensor, labels=None, loss_mask=None) -> torch.Tensor:
+        """Vocab-parallel logits ``(b, s, V / tp)`` for token ids ``(b, s)``; with ``labels``,
+        the mean loss instead (so a DeepSpeed engine's forward returns the loss)."""
         h = self.embedding(tokens)
         for block in self.layers:
             h = block(h)
-        return self.head(h)
+        logits = self.head(h)
+        return logits if labels is None else lm_loss(logits, labels, loss_mask)
 
     def loss(self, tokens, labels, loss_mask=None) -> torch.Tensor:
-        return lm_loss(self(tokens), labels, loss_mask)
+        return self(tokens, labels, loss_mask)

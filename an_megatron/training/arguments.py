@@ -1,0 +1,187 @@
+"""Training flags: Megatron's names, merged with DeepSpeed's own, and the ds.json reconciliation.
+
+Per-architecture defaults follow the paper: anGPT and nGPT train with Adam, no weight decay and
+no warm-up; GPT+ with AdamW, weight decay 0.1 (matrices only) and a linear warm-up. A flag given
+explicitly always wins.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from an_megatron.data.arguments import add_data_args
+from an_megatron.model.arguments import add_model_args
+from an_megatron.optim.schedules import DECAY_STYLES
+
+
+class ConfigError(ValueError):
+    """A flag, or a ds.json value, that cannot work; the message names it."""
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="default 0 for anGPT/nGPT; for GPT+ 10%% of --train-iters, at most 2000")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=None, help="default 0 for anGPT/nGPT, 0.1 for GPT+")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient")
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    g = parser.add_argument_group("checkpointing, evaluation and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--metrics-file", default=None, help="JSONL: one record per logged iteration and evaluation")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak per device for MFU (default: known GPUs; none on CPU)")
+    g.add_argument("--generate-tokens", type=int, default=0,
+                   help="after training, print a sample of this many tokens (single pipeline stage only)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import deepspeed
+
+    parser = argparse.ArgumentParser(description="Pretrain anGPT, nGPT or GPT+ with DeepSpeed.", allow_abbrev=False)
+    add_model_args(parser)
+    add_data_args(parser)
+    add_training_args(parser)
+    return deepspeed.add_config_arguments(parser)
+
+
+def _fill_arch_defaults(args) -> None:
+    gptplus = args.arch == "gptplus"
+    if args.weight_decay is None:
+        args.weight_decay = 0.1 if gptplus else 0.0
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = min(2000, args.train_iters // 10) if gptplus else 0
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+
+
+def load_ds_config(args) -> dict:
+    path = args.deepspeed_config
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise ConfigError(f"--deepspeed_config {path}: no such file")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from None
+
+
+def reconcile_ds_config(args, ds: dict, world_size: int) -> dict:
+    """Make ds.json and the flags agree; fill in what either leaves out.
+
+    Batch sizes: ``global = micro * accumulation * data_parallel``. Each value may come from a
+    flag or from ds.json; given in both and different is an error naming both. The optimizer,
+    learning-rate schedule, clipping and precision are set by the flags.
+    """
+    ds = dict(ds)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
+                          f"x --pipeline-model-parallel-size {pp}")
+    dp = world_size // (tp * pp)
+    for key, flag in (("optimizer", "--lr/--adam-*/--weight-decay"), ("scheduler", "--lr-decay-style/--lr-warmup-iters")):
+        if key in ds:
+            raise ConfigError(f"--deepspeed_config has an '{key}' section; this trainer sets it from {flag}: remove it")
+
+    def pick(flag_value, flag, key):
+        if key in ds and flag_value is not None and ds[key] != flag_value:
+            raise ConfigError(f"{flag} {flag_value} disagrees with ds.json {key} {ds[key]}")
+        return flag_value if flag_value is not None else ds.get(key)
+
+    micro = pick(args.micro_batch_size, "--micro-batch-size", "train_micro_batch_size_per_gpu")
+    glob = pick(args.global_batch_size, "--global-batch-size", "train_batch_size")
+    accum = ds.get("gradient_accumulation_steps")
+    if micro is None and glob is None:
+        raise ConfigError("no batch size: give --micro-batch-size and --global-batch-size (or set them in ds.json)")
+    if micro is None:
+        if accum is None:
+            raise ConfigError(f"--global-batch-size {glob} alone is ambiguous: give --micro-batch-size")
+        micro = glob // (accum * dp)
+    if glob is None:
+        glob = micro * (accum or 1) * dp
+    if glob % (micro * dp):
+        raise ConfigError(f"--global-batch-size {glob} is not divisible by --micro-batch-size {micro} "
+                          f"x data-parallel size {dp}")
+    if accum is not None and accum != glob // (micro * dp):
+        raise ConfigError(f"ds.json gradient_accumulation_steps {accum} disagrees with --global-batch-size {glob} / "
+                          f"(--micro-batch-size {micro} x data-parallel size {dp}) = {glob // (micro * dp)}")
+    args.micro_batch_size, args.global_batch_size = micro, glob
+    args.data_parallel_size = dp
+    args.gradient_accumulation_steps = glob // (micro * dp)
+    ds.update(train_batch_size=glob, train_micro_batch_size_per_gpu=micro,
+              gradient_accumulation_steps=args.gradient_accumulation_steps)
+
+    clip = ds.get("gradient_clipping")
+    if clip is not None and "--clip-grad" in args.explicit_flags and clip != args.clip_grad:
+        raise ConfigError(f"--clip-grad {args.clip_grad} disagrees with ds.json gradient_clipping {clip}")
+    if clip is not None:
+        args.clip_grad = clip
+    ds["gradient_clipping"] = args.clip_grad
+
+    ds_bf16 = ds.get("bf16", {}).get("enabled")
+    if args.bf16 and ds_bf16 is False:
+        raise ConfigError("--bf16 disagrees with ds.json bf16.enabled false")
+    args.bf16 = args.bf16 or bool(ds_bf16)
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError("ds.json enables fp16: anGPT trains in bf16 or fp32 (use \"bf16\": {\"enabled\": true})")
+    if args.bf16:
+        # DeepSpeed's bf16 paths skip a step with a non-finite gradient only when asked to.
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True, "check_grad_overflow": True}
+    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if pp > 1 and zero_stage > 1:
+        raise ConfigError(f"ZeRO stage {zero_stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's pipeline "
+                          f"engine supports ZeRO stage 0 and 1 only")
+    args.zero_stage = zero_stage
+    ds.setdefault("steps_per_print", 10**9)  # our own log lines replace DeepSpeed's
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def parse_args(argv=None, world_size: int | None = None):
+    """Parse flags, apply per-architecture defaults, reconcile with ds.json.
+
+    Returns ``(args, ds_config)``; raises ``ConfigError`` with a one-line message."""
+    import sys
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.explicit_flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _fill_arch_defaults(args)
+    if not args.mock_data and not args.data_path:
+        raise ConfigError("no training data: give --data-path PREFIX (or --mock-data)")
+    if args.tokenizer_type is None:
+        raise ConfigError("--tokenizer-type is required (NullTokenizer with --vocab-size for synthetic ids)")
+    if args.save_interval is not None and args.save is None:
+        raise ConfigError("--save-interval needs --save DIR")
+    ds = reconcile_ds_config(args, load_ds_config(args), world_size)
+    return args, ds

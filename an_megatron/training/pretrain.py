@@ -1,0 +1,290 @@
+"""The training loop: DeepSpeed engine, data, evaluation, logging, checkpoints, fault handling.
+
+``pretrain()`` is what ``examples/pretrain_angpt.py`` runs under the ``deepspeed`` launcher or
+``torchrun``. It knows nothing of the model's math: it builds ``GPTModel`` (or its pipeline
+form), hands it to DeepSpeed with the norm bound hooked into the optimizer step, and loops.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from an_megatron.model.arguments import model_config_from_args
+from an_megatron.optim.schedules import learning_rate
+from an_megatron.parallel import groups
+from an_megatron.training.arguments import ConfigError, parse_args
+from an_megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from an_megatron.training.metrics import MetricsSink, console_line, flops_per_token, global_norm, peak_tflops
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def print_rank0(*a, **k):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+class Trainer:
+    def __init__(self, args, ds_config):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from an_megatron.data import build_tokenizer
+        from an_megatron.optim.deepspeed_bound import register_norm_bound
+        from an_megatron.optim.optimizer import build_optimizer
+
+        self.args = args
+        self.device = torch.device(get_accelerator().current_device_name())
+        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+        self.tokenizer = build_tokenizer(args)
+        self.config = model_config_from_args(args, args.padded_vocab_size)
+        self.pipelined = args.pipeline_model_parallel_size > 1
+        if self.pipelined:
+            from an_megatron.parallel.pipeline import build_pipeline_module
+
+            model = build_pipeline_module(self.config)
+        else:
+            from an_megatron.model import GPTModel
+
+            model = GPTModel(self.config)
+        model.to(self.device)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, args), config=ds_config,
+            mpu=None if self.pipelined else groups.DeepSpeedMPU,
+        )
+        self.model = model
+        register_norm_bound(self.engine, model)
+        self.iteration, self.consumed_samples = 0, 0
+        if args.load:
+            self.iteration, self.consumed_samples = load_checkpoint(self.engine, args.load, self.config)
+            print_rank0(f"loaded checkpoint from {args.load} at iteration {self.iteration}")
+        self._build_data()
+        is_logger = dist.get_rank() == dist.get_world_size() - 1 if self.pipelined else dist.get_rank() == 0
+        self.sink = MetricsSink(args.metrics_file, args.tensorboard_dir, active=is_logger)
+        self.is_logger = is_logger
+        self.tokens_per_iteration = args.global_batch_size * args.seq_length
+        self.flops_per_iteration = flops_per_token(self.config) * self.tokens_per_iteration
+        self.peak = peak_tflops(args.peak_tflops)
+        self.skipped, self.nan_iterations, self.nonfinite_streak = 0, 0, 0
+        self.last_saved = None
+
+    # ---- data ------------------------------------------------------------------------------
+    def _build_data(self):
+        from an_megatron.data import build_data_loader, build_train_valid_test_datasets
+
+        a = self.args
+        evals = a.train_iters // a.eval_interval + 1 if a.eval_interval else 0
+        num_samples = [a.train_iters * a.global_batch_size, evals * a.eval_iters * a.global_batch_size,
+                       a.eval_iters * a.global_batch_size]
+        train, valid, _ = build_train_valid_test_datasets(a, self.tokenizer, num_samples)
+        dp_rank, dp = groups.dp_rank(), groups.dp_size()
+        self.train_loader = build_data_loader(train, self.consumed_samples, a.micro_batch_size, dp_rank, dp,
+                                              a.num_workers)
+        self.valid_dataset = valid
+        self.train_iter = iter(self.train_loader)
+        self.valid_consumed = 0
+
+    def _to_device(self, batch):
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ---- one step --------------------------------------------------------------------------
+    def _set_lr(self, iteration):
+        a = self.args
+        lr = learning_rate(iteration, lr=a.lr, min_lr=a.min_lr, warmup_iters=a.lr_warmup_iters,
+                           decay_iters=a.lr_decay_iters, style=a.lr_decay_style, wsd_decay_iters=a.lr_wsd_decay_iters)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        group = groups.dp_group()
+        if dist.get_world_size(group) > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=group)
+            value /= dist.get_world_size(group)
+        return value.item()
+
+    def train_step(self) -> tuple[float, float | None, bool]:
+        """One global batch. Returns (mean loss over the global batch, grad norm, step applied)."""
+        if self.pipelined:
+            loss = self.engine.train_batch(data_iter=self._pipeline_batches(self.train_iter))
+            return float(loss), self.engine.get_global_grad_norm(), self.engine.was_step_applied()
+        losses = []
+        for _ in range(self.args.gradient_accumulation_steps):
+            batch = self._to_device(next(self.train_iter))
+            loss = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+            self.engine.backward(loss)
+            losses.append(loss.detach())
+            if not self.engine.is_gradient_accumulation_boundary():
+                self.engine.step()
+        grad_norm, finite = None, True
+        if self.args.zero_stage == 0 and not self.args.bf16:
+            # DeepSpeed's plain fp32 path has no overflow check and computes no norm: do both
+            # on the all-reduced gradients. Dropping every .grad makes torch's optimizer skip
+            # all parameters, weights and moments alike: a true skip.
+            grad_norm = global_norm(list(self.model.parameters()), True, groups.tp_group())
+            finite = math.isfinite(grad_norm)
+            if not finite:
+                for p in self.model.parameters():
+                    p.grad = None
+        self.engine.step()
+        applied = self.engine.was_step_applied() and finite
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+        return self._dp_mean(torch.stack(losses).float().mean()), grad_norm, applied
+
+    def _pipeline_batches(self, it):
+        from an_megatron.parallel.pipeline import pipeline_batch
+
+        while True:
+            yield pipeline_batch(self._to_device(next(it)))
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from an_megatron.data import build_data_loader
+
+        a = self.args
+        loader = build_data_loader(self.valid_dataset, self.valid_consumed, a.micro_batch_size, groups.dp_rank(),
+                                   groups.dp_size(), 0)
+        it = iter(loader)
+        losses = []
+        self.engine.eval()
+        for _ in range(a.eval_iters):
+            if self.pipelined:
+                losses.append(torch.as_tensor(float(self.engine.eval_batch(self._pipeline_batches(it)))))
+                continue
+            for _ in range(a.gradient_accumulation_steps):
+                batch = self._to_device(next(it))
+                losses.append(self.engine(batch["tokens"], batch["labels"], batch["loss_mask"]).float())
+        self.engine.train()
+        self.valid_consumed += a.eval_iters * a.global_batch_size
+        return self._dp_mean(torch.stack(losses).mean())
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def save(self):
+        if self.args.save and self.last_saved != self.iteration:
+            tag = save_checkpoint(self.engine, self.args.save, self.iteration, self.consumed_samples, self.config,
+                                  self.args)
+            self.last_saved = self.iteration
+            print_rank0(f"saved checkpoint {os.path.join(self.args.save, tag)}")
+
+    def params_norm(self):
+        pp_group = groups.parallel_state.get_pipeline_model_parallel_group() if self.pipelined else None
+        dp_group = groups.dp_group() if self.args.zero_stage == 3 else None
+        return global_norm(list(self.model.parameters()), False, groups.tp_group(), pp_group, dp_group)
+
+    def train(self):
+        a = self.args
+        print_rank0(f"training {a.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
+                    f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} DP={a.data_parallel_size} "
+                    f"ZeRO-{a.zero_stage} {'bf16' if a.bf16 else 'fp32'}, global batch {a.global_batch_size} "
+                    f"(micro {a.micro_batch_size} x accumulation {a.gradient_accumulation_steps} x DP)")
+        window = dict(losses=[], start=time.perf_counter(), iters=0)
+        while self.iteration < a.train_iters:
+            lr = self._set_lr(self.iteration)
+            loss, grad_norm, applied = self.train_step()
+            self.iteration += 1
+            self.consumed_samples += a.global_batch_size
+            finite = math.isfinite(loss) and applied
+            self.nan_iterations += not math.isfinite(loss)
+            self.skipped += not applied
+            self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+            if self.nonfinite_streak >= a.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (up to iteration "
+                    f"{self.iteration}); stopping. Last good checkpoint: "
+                    f"{self.last_saved if self.last_saved is not None else 'none saved'} in {a.save}")
+            if finite:
+                window["losses"].append(loss)
+            window["iters"] += 1
+            if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
+                self._log(window, lr, grad_norm)
+                window = dict(losses=[], start=time.perf_counter(), iters=0)
+            if a.eval_interval and (self.iteration % a.eval_interval == 0 or self.iteration == a.train_iters):
+                self._log_eval()
+            if a.save_interval and self.iteration % a.save_interval == 0 and self.nonfinite_streak == 0:
+                self.save()
+        if self.nonfinite_streak == 0:
+            self.save()
+
+    def _log(self, window, lr, grad_norm):
+        a = self.args
+        elapsed = time.perf_counter() - window["start"]
+        step_time = elapsed / max(1, window["iters"])
+        tflops = self.flops_per_iteration / step_time / 1e12 / dist.get_world_size()
+        record = dict(
+            iteration=self.iteration, train_iters=a.train_iters, consumed_samples=self.consumed_samples,
+            consumed_tokens=self.consumed_samples * a.seq_length, global_batch_size=a.global_batch_size,
+            lm_loss=sum(window["losses"]) / len(window["losses"]) if window["losses"] else None,
+            lr=lr, grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
+            params_norm=self.params_norm(), step_time_s=step_time,
+            tokens_per_sec=self.tokens_per_iteration / step_time, tflops_per_device=tflops,
+            mfu=tflops / self.peak if self.peak else None,
+            skipped_iterations=self.skipped, nan_iterations=self.nan_iterations,
+        )
+        if self.is_logger:
+            print(console_line(record), flush=True)
+            self.sink.write(record)
+
+    def _log_eval(self):
+        val_loss = self.evaluate()
+        if self.is_logger:
+            ppl = math.exp(min(val_loss, 30.0))
+            print(f" validation loss at iteration {self.iteration} | lm loss value: {val_loss:.6E} | "
+                  f"lm loss PPL: {ppl:.6E} |", flush=True)
+            self.sink.write(dict(iteration=self.iteration, val_loss=val_loss, val_ppl=ppl))
+
+    def generate_sample(self, num_tokens: int, prompt: str = "In the beginning"):
+        from an_megatron.training.generate import sample
+
+        if self.pipelined:
+            print_rank0("(no sample: generation needs a single pipeline stage)")
+            return
+        # NullTokenizer has no text: start from an end-of-document token instead.
+        ids = [self.tokenizer.eod] if self.args.tokenizer_type == "NullTokenizer" else self.tokenizer.tokenize(prompt)
+        out = sample(self.engine.module, ids, num_tokens, self.config.seq_length, self.tokenizer.vocab_size,
+                     seed=self.args.seed)
+        print_rank0(f"\n--- sample ---\n{self.tokenizer.detokenize(out)}\n--------------")
+
+
+def pretrain(argv=None) -> int:
+    try:
+        args, ds_config = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # DeepSpeed insists on LOCAL_RANK, which only launchers set: a plain `python` run is rank 0.
+    os.environ.setdefault("LOCAL_RANK", "0")
+    groups.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    trainer = None
+    try:
+        trainer = Trainer(args, ds_config)
+        trainer.train()
+        if args.generate_tokens:
+            trainer.generate_sample(args.generate_tokens)
+        return 0
+    except (ConfigError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:  # data errors and friends carry a one-line message too
+        from an_megatron.data import DataError
+
+        if isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+        raise
+    finally:
+        if trainer is not None:
+            trainer.sink.close()
+        groups.destroy_parallel()

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Forward+backward time per step of anGPT, nGPT and GPT+ at one size, interleaved in one process.
+
+    python benchmarks/step_time.py                 # d=512, 4 layers, 8 heads, T=256, batch 8
+    python benchmarks/step_time.py --profile angpt # where anGPT's time goes (torch.profiler)
+
+Interleaving (one step of each architecture per round) exposes all three to the same machine
+state, so the ratios are fair even when absolute times drift. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from an_megatron.model import ARCHS, GPTModel, ModelConfig
+from an_megatron.parallel import destroy_parallel, initialize_parallel
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--nu-att", default="dense")
+    p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
+    args = p.parse_args()
+
+    initialize_parallel(1, 1)
+    torch.manual_seed(0)
+    shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+                 vocab_size=args.vocab_size, seq_length=args.seq_length)
+    models = {a: GPTModel(ModelConfig(arch=a, nu_att=args.nu_att, **shape)) for a in ARCHS}
+    tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_length + 1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        model.loss(inputs, labels).backward()
+        return time.perf_counter() - t0
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for _ in range(args.warmup):
+            step(models[args.profile])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step(models[args.profile])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        destroy_parallel()
+        return
+
+    times = {a: [] for a in ARCHS}
+    for i in range(args.warmup + args.steps):
+        for a in ARCHS:
+            t = step(models[a])
+            if i >= args.warmup:
+                times[a].append(t)
+    destroy_parallel()
+    med = {a: statistics.median(t) for a, t in times.items()}
+    print(f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
+          f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}, "
+          f"median of {args.steps} interleaved steps; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
+    print("| --- | --- | --- | --- | --- |")
+    paper = {"gptplus": "1", "ngpt": "1.096", "angpt": "1.0275"}
+    for a in ("gptplus", "ngpt", "angpt"):
+        print(f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | {paper[a]} |")
+
+
+if __name__ == "__main__":
+    main()
