@@ -205,3 +205,70 @@ def test_reference_bound_acted(dp2_fp32):
             norms = ref[arch]["weights"][name].norm(dim=dim)
             assert norms.max() <= 1 + 1e-5, name
             assert norms.min() >= 0.95, name  # at the bound (pushed past it), not collapsed
+
+
+def _full_masters(engine):
+    """The fp32 master of every constrained weight, as the full tensor (collective)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    opt = engine.optimizer
+    if isinstance(opt, FP16_UnfusedOptimizer):  # whole fp32 copies, not reachable by safe_get_*
+        hp_of = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+        return {n: hp_of[id(p)].detach().clone() for n, p in engine.module.named_parameters()}
+    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+
+
+BF16_MODES = {  # name: (ds config arguments, expected adapter, expected DeepSpeed wrapper)
+    "stage0": ((0, True), "stage0-unfused", "FP16_UnfusedOptimizer"),
+    "zero1": ((1, True), "zero-1/2", "DeepSpeedZeroOptimizer"),
+    "zero2": ((2, True), "zero-1/2", "DeepSpeedZeroOptimizer"),
+    "zero3": ((3, True), "zero-3", "DeepSpeedZeroOptimizer_Stage3"),
+    "bf16-optimizer": ((1, True, True), "bf16-optimizer", "BF16_Optimizer"),
+}
+
+
+def _bf16_modes():
+    import logging
+
+    import deepspeed
+
+    from an_megatron.parallel import initialize_parallel
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    initialize_parallel(1, 1)
+    out = {}
+    for name, (config_args, _, _) in BF16_MODES.items():
+        engine, bound = _engine("angpt", 1, _ds_config(*config_args))
+        _train(engine)
+        dims = {n: p.norm_constraint.dim for n, p in engine.module.named_parameters()
+                if getattr(p, "norm_constraint", None) is not None}
+        out[name] = dict(mode=bound.mode, wrapper=type(engine.optimizer).__name__, dims=dims,
+                         masters=_full_masters(engine), weights=_full_weights(engine))
+        engine.destroy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def dp2_bf16():
+    return run_distributed(_bf16_modes, 2, timeout=150)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", list(BF16_MODES))
+def test_bf16_masters_bounded_and_model_is_their_rounding(dp2_bf16, name):
+    """bf16: DP ranks need not match one process bit for bit, but after every step each
+    constrained row of the fp32 master is in the unit ball (at its edge, being pushed past it),
+    and the model's bf16 weight is exactly that master rounded: the bound reached the model."""
+    _, adapter, wrapper = BF16_MODES[name]
+    for rank in dp2_bf16:
+        got = rank[name]
+        assert (got["mode"], got["wrapper"]) == (adapter, wrapper)
+        assert len(got["dims"]) == 2 + 4 * SHAPE["num_layers"] + 1
+        for param, dim in got["dims"].items():
+            master, weight = got["masters"][param], got["weights"][param]
+            assert master.dtype == torch.float32 and weight.dtype == torch.bfloat16
+            norms = master.norm(dim=dim)
+            assert norms.max() <= 1 + 1e-6, f"{name} {param}: row norm {norms.max():.7f}"
+            assert norms.min() >= 0.95, f"{name} {param}: row norm {norms.min():.7f}"
+            assert torch.equal(weight, master.to(torch.bfloat16)), f"{name} {param}"
