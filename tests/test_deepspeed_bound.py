@@ -272,3 +272,17 @@ def test_bf16_masters_bounded_and_model_is_their_rounding(dp2_bf16, name):
             assert norms.max() <= 1 + 1e-6, f"{name} {param}: row norm {norms.max():.7f}"
             assert norms.min() >= 0.95, f"{name} {param}: row norm {norms.min():.7f}"
             assert torch.equal(weight, master.to(torch.bfloat16)), f"{name} {param}"
+
+
+TP_MODES = [("angpt", 1), ("angpt", 3)]
+
+
+@pytest.mark.timeout(200)
+def test_tp2_dp2_matches_one_process(dp2_fp32):
+    """TP=2 x DP=2 on 4 ranks: row-parallel rows are split over TP and cut by ZeRO over DP, so
+    their norms need both all-reduces. The TP=1 reference has the same init (same seed)."""
+    _, ref = dp2_fp32
+    ranks = run_distributed(_fp32_modes, 4, 2, TP_MODES, timeout=180)
+    for key in TP_MODES:
+        _assert_matches_reference(ranks, key, ref)
+    assert any(r[("angpt", 1)]["cuts_a_row"] for r in ranks)

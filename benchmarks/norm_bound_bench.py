@@ -1,0 +1,185 @@
+"""Time the norm bound inside DeepSpeed's optimizer step (ZeRO-1, DP=2 by default).
+
+The bound runs as a step post-hook on the inner optimizer; this script brackets it with two
+more post-hooks (one registered before it, one after), so the bound's own time is measured
+without adding anything to its code path. It reports, per training iteration, the time in the
+bound, in ``engine.step()`` and in the whole iteration (forward, backward, step), then removes
+the bound and times the same iterations without it. "floor" is one norm pass and one scaling
+pass over as many fp32 elements as this rank's masters, with views instead of index tensors:
+what the bound's local math would cost at memory speed.
+
+    python benchmarks/norm_bound_bench.py                      # spawns 2 ranks on gloo (CPU)
+    python benchmarks/norm_bound_bench.py --hidden-size 256 --zero-stage 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--arch", default="angpt")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    return p.parse_args(argv)
+
+
+class _Stopwatch:
+    """Sums the time between its ``start`` and ``stop`` hooks (bracketing the bound's hook)."""
+
+    def __init__(self, sync):
+        self.sync, self.total, self._t0 = sync, 0.0, None
+
+    def start(self, *_):
+        self.sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self, *_):
+        self.sync()
+        self.total += time.perf_counter() - self._t0
+
+
+def _timed_iters(engine, batches, watch, sync):
+    """Per iteration: (iteration s, engine.step s, bound s)."""
+    rows = []
+    for tokens in batches:
+        watch.total = 0.0
+        sync()
+        t0 = time.perf_counter()
+        loss = engine(tokens[:, :-1], tokens[:, 1:])
+        engine.backward(loss)
+        sync()
+        t1 = time.perf_counter()
+        engine.step()
+        sync()
+        t2 = time.perf_counter()
+        rows.append((t2 - t0, t2 - t1, watch.total))
+    return rows
+
+
+def _floor_ms(numel: int, width: int, reps: int = 10) -> float:
+    """A floor for the bound's local math: one norm pass and one scaling pass over ``numel``
+    fp32 elements as rows of ``width`` (views, no index tensors), median ms."""
+    rows = torch.randn(numel // width, width)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        scales = 1.0 / torch.linalg.vector_norm(rows, dim=1).clamp_min(1.0)
+        rows.mul_(scales.unsqueeze(1))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[1:])
+
+
+def _rank_main(rank, args, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(args.world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(args.threads)
+    import logging
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from an_megatron.model import GPTModel, ModelConfig
+    from an_megatron.optim.deepspeed_bound import register_norm_bound
+    from an_megatron.parallel import DeepSpeedMPU, destroy_parallel, dp_size, initialize_parallel
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    try:
+        initialize_parallel(1, 1)
+        torch.manual_seed(0)
+        config = ModelConfig(arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
+                             num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
+                             seq_length=args.seq_length)
+        model = GPTModel(config)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": args.micro_batch_size,
+            "train_batch_size": args.micro_batch_size * dp_size(),
+            "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": args.zero_stage},
+            "steps_per_print": 10**9,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                                          config=ds_config, mpu=DeepSpeedMPU)
+        sync = get_accelerator().synchronize
+        watch = _Stopwatch(sync)
+        inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+        hooks = [inner.register_step_post_hook(watch.start)]
+        bound = register_norm_bound(engine)
+        hooks.append(inner.register_step_post_hook(watch.stop))
+
+        gen = torch.Generator().manual_seed(1 + rank)
+        n = args.warmup + args.iters
+        batches = torch.randint(0, args.vocab_size, (2 * n, args.micro_batch_size, args.seq_length + 1), generator=gen)
+        with_bound = _timed_iters(engine, batches[:n], watch, sync)[args.warmup:]
+        bound.remove()
+        without = _timed_iters(engine, batches[n:], watch, sync)[args.warmup:]
+        for h in hooks:
+            h.remove()
+        n_params = sum(p.numel() for p in model.parameters())
+        constrained = sum(p.numel() for p in model.parameters() if getattr(p, "norm_constraint", None) is not None)
+        local = sum(t.numel() for g in inner.param_groups for t in g["params"])  # this rank's masters
+        return dict(mode=bound.mode, with_bound=with_bound, without=without, n_params=n_params,
+                    constrained=constrained, local=local, floor_ms=_floor_ms(local, args.hidden_size))
+    finally:
+        destroy_parallel()
+
+
+def _worker(rank, args, port, queue):
+    queue.put((rank, _rank_main(rank, args, port)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _median_ms(rows, i):
+    return 1e3 * statistics.median(r[i] for r in rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    load = os.getloadavg()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, args, port, queue)) for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+    r0 = results[0]
+    print(f"mode {r0['mode']}, ZeRO-{args.zero_stage}, DP={args.world_size}, {args.arch} L={args.num_layers} "
+          f"d={args.hidden_size} H={args.num_attention_heads} V={args.vocab_size} T={args.seq_length} "
+          f"micro-batch {args.micro_batch_size}; {r0['n_params'] / 1e6:.2f}M parameters, "
+          f"{r0['constrained'] / 1e6:.2f}M constrained; median of {args.iters} iterations per rank")
+    print(f"load average before: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f} (1 min)")
+    print("rank | fp32 masters held | bound ms | engine.step ms | iteration ms | bound / step | bound / iteration "
+          "| step ms without bound | iteration ms without bound | floor ms")
+    for rank in sorted(results):
+        w, wo = results[rank]["with_bound"], results[rank]["without"]
+        bound, step, it = (_median_ms(w, i) for i in (2, 1, 0))
+        print(f"{rank} | {results[rank]['local'] / 1e6:.2f}M | {bound:.2f} | {step:.2f} | {it:.1f} | {bound / step:.1%} "
+              f"| {bound / it:.2%} | {_median_ms(wo, 1):.2f} | {_median_ms(wo, 0):.1f} | {results[rank]['floor_ms']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
