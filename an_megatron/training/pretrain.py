@@ -20,7 +20,7 @@ from an_megatron.model.arguments import model_config_from_args
 from an_megatron.optim.schedules import learning_rate
 from an_megatron.parallel import groups
 from an_megatron.training.arguments import ConfigError, parse_args
-from an_megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from an_megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint, tag_for
 from an_megatron.training.metrics import MetricsSink, console_line, flops_per_token, global_norm, peak_tflops
 
 
@@ -46,7 +46,10 @@ class Trainer:
         self.device = torch.device(get_accelerator().current_device_name())
         random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
         self.tokenizer = build_tokenizer(args)
-        self.config = model_config_from_args(args, args.padded_vocab_size)
+        try:
+            self.config = model_config_from_args(args, args.padded_vocab_size)
+        except ValueError as e:  # shapes that cannot work: one line naming the value
+            raise ConfigError(str(e)) from None
         self.pipelined = args.pipeline_model_parallel_size > 1
         if self.pipelined:
             from an_megatron.parallel.pipeline import build_pipeline_module
@@ -200,11 +203,6 @@ class Trainer:
             self.nan_iterations += not math.isfinite(loss)
             self.skipped += not applied
             self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
-            if self.nonfinite_streak >= a.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (up to iteration "
-                    f"{self.iteration}); stopping. Last good checkpoint: "
-                    f"{self.last_saved if self.last_saved is not None else 'none saved'} in {a.save}")
             if finite:
                 window["losses"].append(loss)
             window["iters"] += 1
@@ -215,6 +213,14 @@ class Trainer:
                 self._log_eval()
             if a.save_interval and self.iteration % a.save_interval == 0 and self.nonfinite_streak == 0:
                 self.save()
+            if self.nonfinite_streak >= a.max_nonfinite_steps:
+                last = "none saved" if self.last_saved is None else os.path.join(a.save, tag_for(self.last_saved))
+                raise TrainingError(
+                    f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (up to iteration "
+                    f"{self.iteration}); stopping. Last good checkpoint: {last}")
+            if a.exit_interval and self.iteration % a.exit_interval == 0:
+                print_rank0(f"exiting at iteration {self.iteration} (--exit-interval {a.exit_interval})")
+                break
         if self.nonfinite_streak == 0:
             self.save()
 
