@@ -3,6 +3,7 @@
 Same global batch, same seed: the losses of 5 steps and the final weights must match, with the
 weights pushed past the norm bound so that it acts every step.
 """
+import functools
 import os
 
 import pytest
@@ -36,6 +37,11 @@ def _push_past_bound_(module):
 def _adam(params):
     # eps 1e-4: see the comment in test_tensor_parallel.py (rounding of near-zero gradients)
     return torch.optim.Adam(params, lr=1e-3, eps=1e-4)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_result(arch):
+    return run_distributed(_reference, 1, arch)[0]
 
 
 def _reference(arch):
@@ -94,21 +100,8 @@ def _pipeline(arch, tp, pp, save_dir=None):
     if save_dir is not None:
         engine.save_checkpoint(save_dir, tag="final")
     weights = {gpt_param_name(n, SHAPE["num_layers"]): w for n, w in full_named_tensors(module, tp_group()).items()}
-    return dict(
-        losses=torch.stack(losses), weights=weights, parts=[int(p) for p in module.parts],
-        layer_types=[type(f).__name__ for f in module.forward_funcs],
-    )
-
-
-def _build_stage(pp):
-    """Only build the module; report which layers this stage holds and their global indices."""
-    from an_megatron.model import ModelConfig
-    from an_megatron.parallel import initialize_parallel
-    from an_megatron.parallel.pipeline import build_pipeline_module
-
-    initialize_parallel(1, pp)
-    module = build_pipeline_module(ModelConfig(**SHAPE))
-    return [(int(name), type(layer).__name__) for name, layer in module.named_children() if name.isdigit()]
+    stage_layers = [(int(name), type(layer).__name__) for name, layer in module.named_children() if name.isdigit()]
+    return dict(losses=torch.stack(losses), weights=weights, stage_layers=stage_layers)
 
 
 def _assert_close(a, b, what):
@@ -126,10 +119,24 @@ def _assert_matches_reference(ranks, ref):
         _assert_close(weights[name], w, f"weight {name}")
 
 
+def _assert_stages_hold_embedding_first_head_last_blocks_even(ranks, pp):
+    """Stage ``s`` is rank ``s * tp`` (pipe is the slowest axis); each stage holds a run of
+    consecutive layers: the embedding on the first, the head on the last, blocks spread evenly."""
+    tp = len(ranks) // pp
+    stages = [ranks[s * tp]["stage_layers"] for s in range(pp)]
+    L = SHAPE["num_layers"]
+    assert stages[0][0] == (0, "Embedding")
+    assert stages[-1][-1] == (L + 1, "Head")
+    assert [i for stage in stages for i, _ in stage] == list(range(L + 2))  # each layer once, in order
+    blocks = [sum(t == "Block" for _, t in stage) for stage in stages]
+    assert sum(blocks) == L and max(blocks) - min(blocks) <= 1, blocks
+
+
 @pytest.mark.timeout(180)
 def test_pp2_angpt_matches_single_process(tmp_path):
-    ref = run_distributed(_reference, 1, "angpt")[0]
+    ref = _reference_result("angpt")
     got = run_distributed(_pipeline, 2, "angpt", 1, 2, str(tmp_path))
+    _assert_stages_hold_embedding_first_head_last_blocks_even(got, 2)
     _assert_matches_reference(got, ref)
     for name, w in ref["weights"].items():  # the bound acted: no row left above 1
         if w.ndim == 2:
@@ -144,28 +151,25 @@ def test_pp2_angpt_matches_single_process(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_pp2_gptplus_matches_single_process():
-    ref = run_distributed(_reference, 1, "gptplus")[0]
+    ref = _reference_result("gptplus")
     got = run_distributed(_pipeline, 2, "gptplus", 1, 2)
     _assert_matches_reference(got, ref)
 
 
 @pytest.mark.timeout(240)
 def test_tp2_pp2_angpt_matches_single_process():
-    ref = run_distributed(_reference, 1, "angpt")[0]
+    ref = _reference_result("angpt")
     got = run_distributed(_pipeline, 4, "angpt", 2, 2)
+    _assert_stages_hold_embedding_first_head_last_blocks_even(got, 2)
     _assert_matches_reference(got, ref)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("pp", [2, 4])
-def test_stages_hold_embedding_first_head_last_blocks_even(pp):
-    stages = run_distributed(_build_stage, pp, pp)
-    L = SHAPE["num_layers"]
-    assert stages[0][0] == (0, "Embedding")
-    assert stages[-1][-1] == (L + 1, "Head")
-    assert [i for stage in stages for i, _ in stage] == list(range(L + 2))  # each layer once, in order
-    blocks = [sum(t == "Block" for _, t in stage) for stage in stages]
-    assert sum(blocks) == L and max(blocks) - min(blocks) <= 1, blocks
+@pytest.mark.timeout(240)
+def test_pp4_angpt_matches_single_process():
+    """Four stages of one block each: the middle stages only receive and send."""
+    got = run_distributed(_pipeline, 4, "angpt", 1, 4)
+    _assert_stages_hold_embedding_first_head_last_blocks_even(got, 4)
+    _assert_matches_reference(got, _reference_result("angpt"))
 
 
 def test_names_map_both_ways():
