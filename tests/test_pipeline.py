@@ -70,7 +70,7 @@ def _reference(arch):
     return dict(losses=torch.stack(losses), weights=full_named_tensors(model, tp_group()))
 
 
-def _pipeline(arch, tp, pp, save_dir=None):
+def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0):
     """``train_batch`` on this rank's stage; returns the losses, this stage's weights under
     GPTModel's names (full tensors), and which layers this stage built."""
     import deepspeed
@@ -82,7 +82,8 @@ def _pipeline(arch, tp, pp, save_dir=None):
     from an_megatron.parallel.tensor_parallel import full_named_tensors
 
     initialize_parallel(tp, pp)
-    module = build_pipeline_module(ModelConfig(arch=arch, tensor_model_parallel_size=tp, **SHAPE))
+    config = ModelConfig(arch=arch, tensor_model_parallel_size=tp, **SHAPE)
+    module = build_pipeline_module(config, activation_checkpoint_interval=activation_checkpoint_interval)
     _push_past_bound_(module)
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE,
@@ -150,9 +151,10 @@ def test_pp2_angpt_matches_single_process(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_pp2_gptplus_matches_single_process():
+def test_pp2_gptplus_with_activation_checkpointing_matches_single_process():
+    """Also recomputes each block in backward (activation checkpointing): same numbers."""
     ref = _reference_result("gptplus")
-    got = run_distributed(_pipeline, 2, "gptplus", 1, 2)
+    got = run_distributed(_pipeline, 2, "gptplus", 1, 2, None, 1)
     _assert_matches_reference(got, ref)
 
 

@@ -90,6 +90,9 @@ def build_pipeline_module(
         loss_fn=pipeline_loss,
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
+        # Recompute blocks only: DeepSpeed's default would also checkpoint the embedding, whose
+        # integer input cannot carry the gradient through reentrant checkpointing.
+        checkpointable_layers=["Block"],
     )
 
 
