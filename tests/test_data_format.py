@@ -162,8 +162,9 @@ def test_merge_tool(tmp_path, good):
 
     wide = str(tmp_path / "wide")
     reference_write(wide, [[1]], numpy.int32)
-    done = run_tool("merge_datasets.py", "--input", good, wide, "--output-prefix", tmp_path / "bad")
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        f"error: {wide}: token dtype int32 differs from uint16 of the datasets before it"]
+    from an_megatron.data.merge import merge_datasets
+
+    with pytest.raises(IndexedDatasetError) as error:
+        merge_datasets([good, wide], str(tmp_path / "bad"))
+    assert str(error.value) == f"{wide}: token dtype int32 differs from uint16 of the datasets before it"
     assert not any(n.startswith("bad") for n in os.listdir(tmp_path))

@@ -8,7 +8,9 @@ import shutil
 import pytest
 
 from an_megatron.data import build_tokenizer, check_indexed_dataset, open_indexed_dataset
-from an_megatron.data.tokenizer_training import split_long_line
+from an_megatron.data import DataError
+from an_megatron.data.preprocess import preprocess
+from an_megatron.data.tokenizer_training import split_long_line, train_sentencepiece
 from test_data_support import (KJV, kjv_texts, make_gpt2_files, make_hf_tokenizer_json, run_tool,
                                write_jsonl)
 from argparse import Namespace
@@ -82,20 +84,22 @@ def test_null_tokenizer_gzip_two_keys_and_worker_counts(tmp_path):
     plain = write_jsonl(tmp_path / "ids.jsonl", records)
     with open(plain, "rb") as src, gzip.open(tmp_path / "ids.jsonl.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
-    outputs = {}
-    for workers, source in ((1, plain), (2, str(tmp_path / "ids.jsonl.gz"))):
-        prefix = tmp_path / f"w{workers}"
-        done = run_tool("preprocess_data.py", "--input", source, "--json-keys", "text", "title",
-                        "--tokenizer-type", "NullTokenizer", "--vocab-size", 50, "--append-eod",
-                        "--output-prefix", prefix, "--workers", workers, "--log-interval", 1000)
-        assert done.returncode == 0, done.stderr
-        # Every 9th text is empty: skipped and counted.
-        assert "skipped: 334 empty documents, 0 blank lines, 0 bad lines" in done.stdout
-        # Without a terminal, progress lines instead of a bar (one per batch at most).
-        assert re.search(r"processed \d+ documents \(\d+ docs/s, \d+ tokens/s, [.\d]+ MB/s\)",
-                         done.stderr)
-        outputs[workers] = {ext: open(f"{prefix}_{key}_document{ext}", "rb").read()
-                            for key in ("text", "title") for ext in (".bin", ".idx")}
+    # Two workers on the .gz through the command line; one in-process on the plain file.
+    done = run_tool("preprocess_data.py", "--input", tmp_path / "ids.jsonl.gz", "--json-keys",
+                    "text", "title", "--tokenizer-type", "NullTokenizer", "--vocab-size", 50,
+                    "--append-eod", "--output-prefix", tmp_path / "w2", "--workers", 2)
+    assert done.returncode == 0, done.stderr
+    # Every 9th text is empty: skipped and counted.
+    assert "skipped: 334 empty documents, 0 blank lines, 0 bad lines" in done.stdout
+    # Without a terminal, progress lines instead of a bar (one per batch at most).
+    assert re.search(r"processed \d+ documents \(\d+ docs/s, \d+ tokens/s, [.\d]+ MB/s\)",
+                     done.stderr)
+    stats = preprocess([plain], ["text", "title"], Namespace(tokenizer_type="NullTokenizer",
+                       vocab_size=50), str(tmp_path / "w1"), append_eod=True, workers=1)
+    assert stats.empty_documents == {"text": 334, "title": 0}
+    outputs = {workers: {ext: open(tmp_path / f"w{workers}_{key}_document{ext}", "rb").read()
+                         for key in ("text", "title") for ext in (".bin", ".idx")}
+               for workers in (1, 2)}
     assert outputs[1] == outputs[2]  # same bytes, in input order, whatever the worker count
     texts = open_indexed_dataset(str(tmp_path / "w2_text_document"))
     kept = [r["text"] for r in records if r["text"]]
@@ -122,8 +126,7 @@ def test_train_tokenizer_splits_and_reports_long_lines(tmp_path):
     assert "split 1 lines longer than 4192 bytes into 3 pieces" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt", "tok.model", "tok.vocab"]
 
-    done = run_tool("train_tokenizer.py", "--input", text_file, "--vocab-size", 100000,
-                    "--output-prefix", tmp_path / "big")
-    assert done.returncode == 1
-    assert done.stderr.startswith("error: --vocab-size 100000: Vocabulary size too high")
+    with pytest.raises(DataError) as error:
+        train_sentencepiece([str(text_file)], str(tmp_path / "big"), 100000)
+    assert str(error.value).startswith("--vocab-size 100000: Vocabulary size too high")
     assert not any(p.name.startswith("big") for p in tmp_path.iterdir())
