@@ -209,12 +209,19 @@ def test_reference_bound_acted(dp2_fp32):
 
 def _full_masters(engine):
     """The fp32 master of every constrained weight, as the full tensor (collective)."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
+
+    from torch._utils import _unflatten_dense_tensors
 
     opt = engine.optimizer
     if isinstance(opt, FP16_UnfusedOptimizer):  # whole fp32 copies, not reachable by safe_get_*
         hp_of = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+        return {n: hp_of[id(p)].detach().clone() for n, p in engine.module.named_parameters()}
+    if isinstance(opt, FP16_Optimizer):  # split the flat copies the way its step() does
+        hp_of = {id(lp): hp for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)
+                 for lp, hp in zip(lps, _unflatten_dense_tensors(flat, lps))}
         return {n: hp_of[id(p)].detach().clone() for n, p in engine.module.named_parameters()}
     return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
 
@@ -225,7 +232,38 @@ BF16_MODES = {  # name: (ds config arguments, expected adapter, expected DeepSpe
     "zero2": ((2, True), "zero-1/2", "DeepSpeedZeroOptimizer"),
     "zero3": ((3, True), "zero-3", "DeepSpeedZeroOptimizer_Stage3"),
     "bf16-optimizer": ((1, True, True), "bf16-optimizer", "BF16_Optimizer"),
+    "stage0-fused": (None, "stage0-fused", "FP16_Optimizer"),
 }
+
+
+class _FusedStage0:
+    """``FP16_Optimizer`` (stage 0 + bf16/fp16 with DeepSpeed's fused Adam) built directly around a
+    torch Adam: ``initialize`` picks it only for its CUDA FusedAdam. Each rank trains its own
+    replica on its half of the batch (no gradient averaging: the bound is what is checked)."""
+
+    def __init__(self):
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+        from an_megatron.parallel import DeepSpeedMPU
+
+        self.module = _tiny_lm("angpt", 1).to(torch.bfloat16)
+        self.optimizer = FP16_Optimizer(_adam(self.module.parameters()), low_precision_dtype=torch.bfloat16,
+                                        mpu=DeepSpeedMPU, clip_grad=0.0)
+
+    def __call__(self, tokens, labels):
+        return self.module(tokens, labels)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def destroy(self):
+        pass
 
 
 def _bf16_modes():
@@ -233,13 +271,18 @@ def _bf16_modes():
 
     import deepspeed
 
+    from an_megatron.optim.deepspeed_bound import register_norm_bound
     from an_megatron.parallel import initialize_parallel
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     initialize_parallel(1, 1)
     out = {}
     for name, (config_args, _, _) in BF16_MODES.items():
-        engine, bound = _engine("angpt", 1, _ds_config(*config_args))
+        if config_args is None:
+            engine = _FusedStage0()
+            bound = register_norm_bound(engine)
+        else:
+            engine, bound = _engine("angpt", 1, _ds_config(*config_args))
         _train(engine)
         dims = {n: p.norm_constraint.dim for n, p in engine.module.named_parameters()
                 if getattr(p, "norm_constraint", None) is not None}
