@@ -120,7 +120,8 @@ class Trainer:
         """One global batch. Returns (mean loss over the global batch, grad norm, step applied)."""
         if self.pipelined:
             loss = self.engine.train_batch(data_iter=self._pipeline_batches(self.train_iter))
-            return float(loss), self.engine.get_global_grad_norm(), self.engine.was_step_applied()
+            grad_norm = self.engine.get_global_grad_norm()
+            return float(loss), None if grad_norm is None else float(grad_norm), self.engine.was_step_applied()
         losses = []
         for _ in range(self.args.gradient_accumulation_steps):
             batch = self._to_device(next(self.train_iter))
@@ -143,7 +144,7 @@ class Trainer:
         applied = self.engine.was_step_applied() and finite
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-            grad_norm = None if grad_norm is None else float(grad_norm)
+            grad_norm = None if grad_norm is None else float(grad_norm)  # a tensor in some modes
         return self._dp_mean(torch.stack(losses).float().mean()), grad_norm, applied
 
     def _pipeline_batches(self, it):

@@ -1,0 +1,47 @@
+"""Parallel layouts through the real entry point: the logged loss of every iteration matches a
+single process with the same global batch (fp32, no clipping), so runs compare line by line.
+
+(The engine-level tests, test_deepspeed_bound.py and test_pipeline.py, also compare weights with
+the bound acting every step; this one checks what the training loop adds: data sharding across
+data-parallel ranks, gradient accumulation, loss averaging, pipeline batch feeding.)
+"""
+import os
+
+import pytest
+
+from test_training import MOCK, TINY, losses, run
+
+COMMON = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "5", "--lr", "1e-2", "--clip-grad", "0",
+          "--num-layers", "2", *TINY[2:], *MOCK]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "m.jsonl"
+    out = run(COMMON + ["--deepspeed_config", "examples/ds_fp32.json", "--metrics-file", str(path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return losses(path)
+
+
+LAYOUTS = {
+    "dp2-zero0": ["--deepspeed_config", "{zero0}"],
+    "dp2-zero1": ["--deepspeed_config", "examples/ds_fp32.json"],
+    "dp2-zero3": ["--deepspeed_config", "{zero3}"],
+    "tp2": ["--deepspeed_config", "examples/ds_fp32.json", "--tensor-model-parallel-size", "2"],
+    "pp2": ["--deepspeed_config", "{zero0}", "--pipeline-model-parallel-size", "2"],
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_losses_match_single_process(layout, reference, tmp_path):
+    (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
+    (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
+    flags = [f.format(zero0=tmp_path / "zero0.json", zero3=tmp_path / "zero3.json") for f in LAYOUTS[layout]]
+    out = run(COMMON + flags + ["--metrics-file", str(tmp_path / "m.jsonl")],
+              launcher=["torchrun", "--nproc_per_node", "2"])
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
+    for it in reference:
+        assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
