@@ -107,6 +107,10 @@ def test_null_tokenizer():
     (dict(tokenizer_type="NullTokenizer"), "needs --vocab-size"),
     (dict(tokenizer_type="BertTokenizer"), "--tokenizer-type BertTokenizer: unknown"),
     (dict(), "--tokenizer-type is required"),
+    (dict(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=__file__),
+     f"--tokenizer-model {__file__}: not a SentencePiece model"),
+    (dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=__file__),
+     f"--tokenizer-model {__file__}: not a HuggingFace tokenizer.json"),
 ])
 def test_tokenizer_errors_name_flag_and_path(args, message):
     with pytest.raises(DataError) as error:

@@ -136,23 +136,26 @@ class DocumentEncoder:
         lengths = {key: [] for key in self.json_keys}
         first_line_of_doc = {key: [] for key in self.json_keys}
         result = EncodedBatch(batch.num_bytes, {}, lengths, {key: 0 for key in self.json_keys})
+        numbers, records = [], []
         for offset, line in enumerate(batch.lines):
             number = batch.first_line + offset
             if not line.strip():
                 result.blank_lines += 1
                 continue
             try:
-                texts = parse_json_line(line, self.json_keys)
-                encoded = {}
-                for key, text in texts.items():
-                    try:
-                        encoded[key] = self.tokenizer.tokenize(text)
-                    except Exception as error:
-                        raise BadLine(f"cannot tokenize key {key!r}: {error}") from None
+                records.append(parse_json_line(line, self.json_keys))
+                numbers.append(number)
             except BadLine as bad:
                 result.bad_lines.append((batch.path, number, str(bad)))
+        untokenizable: dict[int, str] = {}  # record index -> reason
+        encoded = {key: self._tokenize_all([r[key] for r in records], key, untokenizable)
+                   for key in self.json_keys}
+        for index, number in enumerate(numbers):
+            if index in untokenizable:
+                result.bad_lines.append((batch.path, number, untokenizable[index]))
                 continue
-            for key, doc_ids in encoded.items():
+            for key in self.json_keys:
+                doc_ids = encoded[key][index]
                 if not doc_ids:
                     result.empty[key] += 1
                     continue
@@ -161,6 +164,7 @@ class DocumentEncoder:
                 ids[key].extend(doc_ids)
                 lengths[key].append(len(doc_ids))
                 first_line_of_doc[key].append(number)
+        result.bad_lines.sort(key=lambda bad: bad[1])  # the first in file order is reported
         for key in self.json_keys:
             flat = numpy.array(ids[key], dtype=numpy.int64)
             out_of_range = (flat < 0) | (flat >= self.vocab_size)
@@ -174,6 +178,22 @@ class DocumentEncoder:
                 return result
             result.tokens[key] = flat.astype(self.dtype)
         return result
+
+
+    def _tokenize_all(self, texts: list, key: str, untokenizable: dict) -> list:
+        """Token ids of every text, batched; texts the tokenizer rejects get [] and a reason."""
+        try:
+            return self.tokenizer.tokenize_batch(texts)
+        except Exception:
+            pass  # find the rejected texts one by one
+        encoded = []
+        for index, text in enumerate(texts):
+            try:
+                encoded.append(self.tokenizer.tokenize(text))
+            except Exception as error:
+                untokenizable.setdefault(index, f"cannot tokenize key {key!r}: {error}")
+                encoded.append([])
+        return encoded
 
 
 _WORKER_ENCODER: DocumentEncoder | None = None
