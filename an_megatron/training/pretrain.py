@@ -211,7 +211,9 @@ class Trainer:
                 self._log(window, lr, grad_norm)
                 window = dict(losses=[], start=time.perf_counter(), iters=0)
             if a.eval_interval and (self.iteration % a.eval_interval == 0 or self.iteration == a.train_iters):
+                t_eval = time.perf_counter()
                 self._log_eval()
+                window["start"] += time.perf_counter() - t_eval  # step times exclude evaluation
             if a.save_interval and self.iteration % a.save_interval == 0 and self.nonfinite_streak == 0:
                 self.save()
             if self.nonfinite_streak >= a.max_nonfinite_steps:

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Plot validation loss of several runs against steps, tokens and wall time, in one PNG.
+
+    python tools/plot_runs.py runs/*/metrics.jsonl --output curves.png [--labels a b c]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+from an_megatron.training.run_analysis import read_metrics
+
+
+def plot(paths: list[str], labels: list[str], output: str, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
+    for path, label in zip(paths, labels):
+        m = read_metrics(path)
+        if not m["eval"]:
+            print(f"warning: {path} has no evaluation records; skipped", file=sys.stderr)
+            continue
+        its = [r["iteration"] for r in m["eval"]]
+        losses = [r["val_loss"] for r in m["eval"]]
+        tokens_per_it = (m["train"][0]["consumed_tokens"] / m["train"][0]["iteration"]) if m["train"] else 0
+        times = list(itertools.accumulate(r["step_time_s"] for r in m["train"]))
+        train_its = [r["iteration"] for r in m["train"]]
+        wall = [next((t for i, t in zip(train_its, times) if i >= it), times[-1] if times else 0) for it in its]
+        axes[0].plot(its, losses, marker="o", ms=3, label=label)
+        axes[1].plot([it * tokens_per_it / 1e6 for it in its], losses, marker="o", ms=3, label=label)
+        axes[2].plot(wall, losses, marker="o", ms=3, label=label)
+    for ax, xlabel in zip(axes, ("iteration", "tokens (M)", "training time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", nargs="+", help="metrics JSONL files (--metrics-file of each run)")
+    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--labels", nargs="*", default=None, help="one per file (default: the file's folder name)")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(m))) for m in args.metrics]
+    if len(labels) != len(args.metrics):
+        p.error(f"--labels has {len(labels)} entries for {len(args.metrics)} files")
+    for m in args.metrics:
+        if not os.path.isfile(m):
+            p.error(f"{m}: no such file")
+    plot(args.metrics, labels, args.output, args.title)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
