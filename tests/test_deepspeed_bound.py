@@ -100,12 +100,17 @@ def _engine(arch, tp, config):
     return engine, register_norm_bound(engine)
 
 
-def _train(engine):
+def _train(engine, reload_dir=None):
+    """STEPS steps on this rank's half of each batch; with ``reload_dir``, save a checkpoint after
+    step 2 and load it back into the engine (the hook must still find the masters after that)."""
     from an_megatron.parallel import dp_rank
 
     half = GLOBAL_BATCH // 2
     losses = []
-    for tokens in _batches():
+    for step, tokens in enumerate(_batches()):
+        if reload_dir is not None and step == 2:
+            engine.save_checkpoint(reload_dir, tag="step2")
+            engine.load_checkpoint(reload_dir, tag="step2")
         mine = tokens[dp_rank() * half:(dp_rank() + 1) * half]
         loss = engine(mine[:, :-1], mine[:, 1:])
         engine.backward(loss)
@@ -137,8 +142,9 @@ def _zero12_cuts_a_row(engine):
     return False
 
 
-def _fp32_modes(tp, modes):
-    """Train every (arch, stage) on this world; rank 0 also runs the references (TP=1 only)."""
+def _fp32_modes(tp, modes, checkpoint_dir=None):
+    """Train every (arch, stage[, "reload"]) on this world; rank 0 also runs the references
+    (TP=1 only). "reload": save and load a checkpoint mid-run, in ``checkpoint_dir``."""
     import logging
 
     import deepspeed
@@ -149,25 +155,27 @@ def _fp32_modes(tp, modes):
     initialize_parallel(tp, 1)
     out = {}
     if tp == 1 and torch.distributed.get_rank() == 0:
-        out["reference"] = {arch: _reference(arch) for arch in sorted({a for a, _ in modes})}
-    for arch, stage in modes:
+        out["reference"] = {arch: _reference(arch) for arch in sorted({key[0] for key in modes})}
+    for key in modes:
+        arch, stage = key[:2]
         engine, bound = _engine(arch, tp, _ds_config(stage))
         cuts = _zero12_cuts_a_row(engine) if stage in (1, 2) else None
-        losses = _train(engine)
-        out[arch, stage] = dict(mode=bound.mode, wrapper=type(engine.optimizer).__name__, losses=losses,
+        losses = _train(engine, f"{checkpoint_dir}/{arch}-{stage}" if "reload" in key else None)
+        out[key] = dict(mode=bound.mode, wrapper=type(engine.optimizer).__name__, losses=losses,
                                 weights=_full_weights(engine), cuts_a_row=cuts)
         engine.destroy()
     return out
 
 
-FP32_MODES = [("angpt", 0), ("angpt", 1), ("angpt", 2), ("angpt", 3), ("ngpt", 2), ("ngpt", 3)]
+FP32_MODES = [("angpt", 0), ("angpt", 1), ("angpt", 2), ("angpt", 3), ("ngpt", 2), ("ngpt", 3),
+              ("angpt", 1, "reload"), ("angpt", 3, "reload")]
 WRAPPERS = {0: ("dense", "Adam"), 1: ("zero-1/2", "DeepSpeedZeroOptimizer"),
             2: ("zero-1/2", "DeepSpeedZeroOptimizer"), 3: ("zero-3", "DeepSpeedZeroOptimizer_Stage3")}
 
 
 @pytest.fixture(scope="module")
-def dp2_fp32():
-    ranks = run_distributed(_fp32_modes, 2, 1, FP32_MODES, timeout=150)
+def dp2_fp32(tmp_path_factory):
+    ranks = run_distributed(_fp32_modes, 2, 1, FP32_MODES, str(tmp_path_factory.mktemp("ckpt")), timeout=150)
     return ranks, ranks[0]["reference"]
 
 
@@ -176,7 +184,7 @@ def _assert_close(a, b, what):
 
 
 def _assert_matches_reference(ranks, key, ref):
-    arch, stage = key
+    arch, stage = key[:2]
     assert (ranks[0][key]["mode"], ranks[0][key]["wrapper"]) == WRAPPERS[stage]
     # each DP rank's loss is over its half of the batch: their mean is the whole batch's
     _assert_close(torch.stack([r[key]["losses"] for r in ranks]).mean(0), ref[arch]["losses"], f"{key} losses")
@@ -187,7 +195,7 @@ def _assert_matches_reference(ranks, key, ref):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("key", FP32_MODES, ids=[f"{a}-zero{s}" for a, s in FP32_MODES])
+@pytest.mark.parametrize("key", FP32_MODES, ids=["-".join([k[0], f"zero{k[1]}", *k[2:]]) for k in FP32_MODES])
 def test_dp2_matches_one_process(dp2_fp32, key):
     ranks, ref = dp2_fp32
     _assert_matches_reference(ranks, key, ref)
@@ -329,3 +337,34 @@ def test_tp2_dp2_matches_one_process(dp2_fp32):
     for key in TP_MODES:
         _assert_matches_reference(ranks, key, ref)
     assert any(r[("angpt", 1)]["cuts_a_row"] for r in ranks)
+
+
+class _TwoWeights(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from an_megatron.optim import NormConstraint
+
+        self.a, self.b = torch.nn.Parameter(torch.full((2, 3), 1.0)), torch.nn.Parameter(torch.full((2, 3), 1.0))
+        for p in (self.a, self.b):
+            p.norm_constraint = NormConstraint("bound")
+
+
+def test_constrained_weight_outside_the_optimizer_is_an_error():
+    """A constrained weight that no master covers would silently drift past the bound."""
+    from types import SimpleNamespace
+
+    from an_megatron.optim.deepspeed_bound import register_norm_bound
+
+    model = _TwoWeights()
+    engine = SimpleNamespace(module=model, optimizer=torch.optim.Adam([model.a], lr=0.5))
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        register_norm_bound(engine)
+    model.b.requires_grad_(False)  # frozen: never updated, nothing to bound
+    bound = register_norm_bound(engine)
+    assert bound.mode == "dense"
+    model.a.grad = -torch.ones_like(model.a)  # Adam adds lr = 0.5 to every entry
+    engine.optimizer.step()
+    torch.testing.assert_close(model.a.detach().norm(dim=1), torch.ones(2))
+    bound.remove()
+    engine.optimizer.step()
+    torch.testing.assert_close(model.a.detach().norm(dim=1), torch.full((2,), (3**-0.5 + 0.5) * 3**0.5))

@@ -192,6 +192,8 @@ class _Stage3Masters(_Masters):
 
 def _masters_of(optimizer) -> _Masters:
     """The adapter for an engine's ``optimizer`` (a DeepSpeed wrapper or a bare torch optimizer)."""
+    if isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's wrappers are not torch optimizers
+        return _DenseMasters(optimizer)
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
@@ -210,8 +212,6 @@ def _masters_of(optimizer) -> _Masters:
         return _UnfusedMasters(optimizer)
     if isinstance(optimizer, FP16_Optimizer):
         return _FusedFlatMasters(optimizer)
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return _DenseMasters(optimizer)
     raise TypeError(f"norm bound: unsupported DeepSpeed optimizer {type(optimizer).__name__}")
 
 
