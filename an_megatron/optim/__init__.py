@@ -8,4 +8,4 @@ from an_megatron.optim.norm_bound import (  # noqa: F401
     constrained_parameters,
     normalize_norms_,
 )
-from an_megatron.optim.deepspeed_bound import NormBound, register_norm_bound  # noqa: F401,E402
+from an_megatron.optim.deepspeed_bound import NormBound, register_norm_bound  # noqa: F401
