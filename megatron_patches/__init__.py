@@ -1,0 +1,7 @@
+"""The few adaptations of megatron-core and DeepSpeed this project needs, each in its own module
+with the reason it exists. ``an_megatron`` applies them on import; none changes numerics.
+
+- ``quiet_optional_imports``: megatron-core warns at import time, four times, that Transformer
+  Engine and Apex are missing, although we use neither unless FP8 is asked for.
+"""
+from megatron_patches import quiet_optional_imports  # noqa: F401
