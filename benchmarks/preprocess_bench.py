@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 try:
@@ -23,6 +24,12 @@ except ImportError:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KJV = os.path.join(REPO, "examples", "data", "kjv.jsonl.gz")
+
+
+def tool_env() -> dict:
+    """The repository importable whether or not `pip install -e .` is current; no warnings."""
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
 
 
 def make_corpus(path: str, min_bytes: int) -> int:
@@ -57,8 +64,9 @@ def tree_memory(process: psutil.Process) -> tuple:
 def run_measured(command: list) -> tuple:
     """Run `command`; return (wall seconds, peak summed RSS, peak summed PSS, stdout)."""
     start = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    stderr_file = tempfile.TemporaryFile(mode="w+")  # progress lines; a pipe could fill up
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_file,
+                               text=True, cwd=REPO, env=tool_env())
     watched, peak_rss, peak_pss = psutil.Process(process.pid), 0, 0
     while process.poll() is None:
         try:
@@ -67,9 +75,11 @@ def run_measured(command: list) -> tuple:
             break
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.05)
-    stdout = process.stdout.read()
+    stdout, _ = process.communicate()
+    stderr_file.seek(0)
+    stderr = stderr_file.read()
     if process.returncode != 0:
-        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{stdout}")
+        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{stderr[-2000:]}")
     return time.time() - start, peak_rss, peak_pss, stdout
 
 
@@ -87,11 +97,12 @@ def main() -> None:
     tok = os.path.join(args.workdir, "kjv8k")
     seconds, _, _, _ = run_measured([sys.executable, "tools/train_tokenizer.py", "--input", KJV,
                                   "--vocab-size", "8000", "--output-prefix", tok])
-    print(f"train_tokenizer.py (bundled 4.2 MB corpus, vocab 8000): {seconds:.1f} s wall\n")
+    print(f"train_tokenizer.py (bundled 4.2 MB corpus, vocab 8000): {seconds:.1f} s wall "
+          f"(1-min load average {os.getloadavg()[0]:.1f}: other work on the machine slows it)\n")
 
     print("| input | workers | documents | tokens | tool time (s) | documents/s | tokens/s | "
-          "MB/s | peak RSS, tree (MiB) | peak PSS, tree (MiB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "MB/s | peak RSS, tree (MiB) | peak PSS, tree (MiB) | load avg (1 min) after |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path, workers in ((small, 1), (small, 2), (large, 2)):
         _, peak_rss, peak_pss, stdout = run_measured(
             [sys.executable, "tools/preprocess_data.py", "--input", path, "--json-keys", "text",
@@ -104,7 +115,8 @@ def main() -> None:
         megabytes = sizes[path] / 1e6
         print(f"| {megabytes:.0f} MB | {workers} | {documents} | {tokens} | {tool_seconds:.1f} | "
               f"{documents / tool_seconds:.0f} | {tokens / tool_seconds:.0f} | "
-              f"{megabytes / tool_seconds:.2f} | {peak_rss / 2**20:.0f} | {peak_pss / 2**20:.0f} |")
+              f"{megabytes / tool_seconds:.2f} | {peak_rss / 2**20:.0f} | {peak_pss / 2**20:.0f} | "
+              f"{os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

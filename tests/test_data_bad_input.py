@@ -12,7 +12,7 @@ import pytest
 
 from an_megatron.data import DataError, IndexedDatasetError, check_indexed_dataset
 from an_megatron.data.preprocess import preprocess
-from test_data_support import REPO, finished_outputs, write_jsonl
+from test_data_support import REPO, finished_outputs, tool_env, write_jsonl
 
 NULL_TOKENIZER = Namespace(tokenizer_type="NullTokenizer", vocab_size=100)
 GOOD = {"text": "1 2 3"}
@@ -89,7 +89,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
         [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus,
          "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
          "--output-prefix", str(tmp_path / "out" / "x"), "--workers", "2"],
-        capture_output=True, text=True, timeout=100, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        capture_output=True, text=True, timeout=100, env=tool_env())
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
         f"error: {corpus}:2: key 'text' holds a int, not a string "
@@ -115,7 +115,7 @@ def test_interrupted_run_leaves_no_finished_output(tmp_path, big_corpus, signum)
         [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", big_corpus,
          "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--append-eod",
          "--output-prefix", str(out_dir / "big"), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
     try:
         deadline = time.time() + 60
         while not (out_dir.exists() and any(".tmp." in n for n in os.listdir(out_dir))):

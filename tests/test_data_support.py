@@ -9,11 +9,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KJV = os.path.join(REPO, "examples", "data", "kjv.jsonl.gz")
 
 
+def tool_env() -> dict:
+    """Environment for running tools/*.py: the repository importable even before
+    `pip install -e .` has picked up a new top-level package, and no import-time warnings."""
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
+
+
 def run_tool(script: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run tools/<script> with this Python; returns the finished process (output captured)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=tool_env())
 
 
 def write_jsonl(path, records) -> str:
