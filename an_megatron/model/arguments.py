@@ -5,6 +5,7 @@ import argparse
 
 from an_megatron.model.config import ARCHS, DEFAULT_SCALES, WEIGHT_NORMS, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
+from an_megatron.model.fp8 import AMAX_COMPUTE_ALGOS, FP8_BACKENDS, FP8_FORMATS, FP8_RECIPES, TRANSFORMER_IMPLS
 
 
 def _scale_spec(text: str):
@@ -39,6 +40,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--scale", type=_scale_spec, action="append", default=[], metavar="NAME=INIT[,SCALE]",
                    help=f"learnable scale init/reparameterization; NAME in {', '.join(DEFAULT_SCALES)}")
     g.add_argument("--init-method-std", type=float, default=0.02, help="GPT+ weight init std")
+    add_fp8_args(parser)
+    return parser
+
+
+def add_fp8_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron's precision flags, plus ``--fp8-backend`` (docs/FP8.md)."""
+    g = parser.add_argument_group("transformer engine and FP8")
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
+                   help="local: megatron-core's linears; transformer_engine: TE's (pip install -e '.[fp8]', CUDA)")
+    g.add_argument("--fp8-format", dest="fp8", choices=FP8_FORMATS, default=None,
+                   help="train the linears in FP8: e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients)")
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=None,
+                   help="scaling recipe; default delayed with --fp8-backend te, tensorwise with torch")
+    g.add_argument("--fp8-backend", choices=FP8_BACKENDS, default=None,
+                   help="te: Transformer Engine (default); torch: torch._scaled_mm, per-tensor dynamic scaling")
+    g.add_argument("--fp8-margin", type=int, default=0, help="scale so that amax sits 2^margin below the maximum")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1, help="delayed scaling: amax history length")
+    g.add_argument("--fp8-amax-compute-algo", choices=AMAX_COMPUTE_ALGOS, default="most_recent",
+                   help="delayed scaling: scale from the most recent amax or the history's max")
     return parser
 
 
@@ -53,4 +73,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         use_nu_lerp=not args.no_nu_lerp, alpha_per_dim=not args.alpha_scalar, scales=scales,
         weight_norm=args.weight_norm, init_std=args.init_method_std,
         tensor_model_parallel_size=getattr(args, "tensor_model_parallel_size", 1), seed=getattr(args, "seed", 1234),
+        transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe=args.fp8_recipe, fp8_backend=args.fp8_backend,
+        fp8_margin=args.fp8_margin, fp8_amax_history_len=args.fp8_amax_history_len,
+        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
     )

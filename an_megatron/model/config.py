@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from an_megatron.model.factors import check_nu_att
+from an_megatron.model.fp8 import check_fp8
 
 ARCHS = ("angpt", "ngpt", "gptplus")
 WEIGHT_NORMS = ("bound", "normalize", "none")
@@ -42,11 +43,21 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm (GPT+)
     tensor_model_parallel_size: int = 1
     seed: int = 1234
+    # Precision of the linears (docs/FP8.md; Megatron's flags). fp8 is the format: None (bf16/fp32),
+    # "e4m3" or "hybrid". Recipe and backend None resolve in check_fp8.
+    transformer_impl: str = "local"
+    fp8: str | None = None
+    fp8_recipe: str | None = None
+    fp8_backend: str | None = None
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         check_nu_att(self.nu_att)
+        check_fp8(self)
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.weight_norm is None:

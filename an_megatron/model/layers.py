@@ -5,6 +5,10 @@ weight is initialized the same way for every tensor-parallel size: the full matr
 from a generator seeded by (seed, name), normalized, and megatron-core's CPU initializer takes
 this rank's shard (for fused matrices with ``stride``, each logical part's shard). Each weight
 also carries the ``norm_constraint`` the optimizer applies after every step.
+
+Which classes implement the column- and row-parallel linears (megatron-core's, their FP8 form,
+or Transformer Engine's) is chosen here from the config by ``linear_impl``; every choice takes
+the same initializer and gets the same ``norm_constraint``.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 from an_megatron.model.config import ModelConfig
+from an_megatron.model.linear_impl import linear_impl
 from an_megatron.optim.norm_bound import NormConstraint
 
 
@@ -62,7 +67,7 @@ def _norm_dim(config: ModelConfig, embedding_axis: int) -> int:
 def column_parallel(config: ModelConfig, name: str, n_in: int, n_out: int, stride: int = 1) -> ColumnParallelLinear:
     """``n_in -> n_out`` with the output split over TP ranks (rows whole on each rank).
     ``stride`` > 1 fuses that many equal logical matrices stacked along the output."""
-    layer = ColumnParallelLinear(
+    layer = linear_impl(config, name).column(
         n_in, n_out, config=parallel_config(config), init_method=_init_method(config, name, _norm_dim(config, 1)),
         bias=False, gather_output=False, stride=stride,
     )
@@ -73,7 +78,7 @@ def column_parallel(config: ModelConfig, name: str, n_in: int, n_out: int, strid
 def row_parallel(config: ModelConfig, name: str, n_in: int, n_out: int) -> RowParallelLinear:
     """``n_in -> n_out`` with the input split over TP ranks; the output is all-reduced.
     Used for W_o and W_down, whose embedding dimension is the output."""
-    layer = RowParallelLinear(
+    layer = linear_impl(config, name).row(
         n_in, n_out, config=parallel_config(config), init_method=_init_method(config, name, _norm_dim(config, 0)),
         bias=False, input_is_parallel=True, skip_bias_add=False,
     )

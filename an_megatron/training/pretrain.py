@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from an_megatron.model.arguments import model_config_from_args
+from an_megatron.model.fp8 import fp8_autocast
 from an_megatron.optim.schedules import learning_rate
 from an_megatron.parallel import groups
 from an_megatron.training.arguments import ConfigError, parse_args
@@ -119,13 +120,15 @@ class Trainer:
     def train_step(self) -> tuple[float, float | None, bool]:
         """One global batch. Returns (mean loss over the global batch, grad norm, step applied)."""
         if self.pipelined:
-            loss = self.engine.train_batch(data_iter=self._pipeline_batches(self.train_iter))
+            with fp8_autocast(self.config):  # the pipeline engine runs forward and backward inside
+                loss = self.engine.train_batch(data_iter=self._pipeline_batches(self.train_iter))
             grad_norm = self.engine.get_global_grad_norm()
             return float(loss), None if grad_norm is None else float(grad_norm), self.engine.was_step_applied()
         losses = []
         for _ in range(self.args.gradient_accumulation_steps):
             batch = self._to_device(next(self.train_iter))
-            loss = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+            with fp8_autocast(self.config):
+                loss = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
             self.engine.backward(loss)
             losses.append(loss.detach())
             if not self.engine.is_gradient_accumulation_boundary():
@@ -166,11 +169,13 @@ class Trainer:
         self.engine.eval()
         for _ in range(a.eval_iters):
             if self.pipelined:
-                losses.append(torch.as_tensor(float(self.engine.eval_batch(self._pipeline_batches(it)))))
+                with fp8_autocast(self.config):
+                    losses.append(torch.as_tensor(float(self.engine.eval_batch(self._pipeline_batches(it)))))
                 continue
             for _ in range(a.gradient_accumulation_steps):
                 batch = self._to_device(next(it))
-                losses.append(self.engine(batch["tokens"], batch["labels"], batch["loss_mask"]).float())
+                with fp8_autocast(self.config):
+                    losses.append(self.engine(batch["tokens"], batch["labels"], batch["loss_mask"]).float())
         self.engine.train()
         self.valid_consumed += a.eval_iters * a.global_batch_size
         return self._dp_mean(torch.stack(losses).mean())
