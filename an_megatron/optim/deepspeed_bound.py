@@ -27,9 +27,6 @@ import torch.distributed as dist
 
 from an_megatron.optim.norm_bound import Fragment, constrain_fragments_, constrained_parameters
 
-_EMPTY = torch.empty(0, dtype=torch.float32)
-
-
 def _index_of(master: torch.Tensor, tensors: Sequence[torch.Tensor]) -> int:
     """Position of ``master`` (by identity) in a wrapper's list of flat master tensors."""
     for i, t in enumerate(tensors):
@@ -150,8 +147,8 @@ class _HpMappedMasters(_Masters):
             groups.append(self.wrapper.real_dp_process_group[i])
             for lp in constrained_parameters(lp_groups[i]):
                 mapping = getattr(lp, "_hp_mapping", None)
-                if mapping is None:
-                    frags.append(Fragment(_EMPTY, 0, tuple(lp.shape), lp.norm_constraint))
+                if mapping is None:  # an empty piece of the master: right device and dtype
+                    frags.append(Fragment(hp.detach()[:0], 0, tuple(lp.shape), lp.norm_constraint))
                     continue
                 at = mapping.hp_fragment_address
                 piece = hp.detach().narrow(0, at.start, at.numel)
@@ -257,6 +254,9 @@ def register_norm_bound(engine, model: torch.nn.Module | None = None, tp_group=N
     """
     model = engine.module if model is None else model
     masters = _masters_of(engine.optimizer)
+    offloaded = getattr(engine.optimizer, "cpu_offload", False) or getattr(engine.optimizer, "offload_optimizer", False)
+    if offloaded and dist.get_backend() == "nccl":  # the row sums would be all-reduced from CPU over NCCL
+        raise NotImplementedError("norm bound with ZeRO optimizer offload on NCCL (masters on the CPU)")
     constrained = constrained_parameters(p for p in model.parameters() if p.requires_grad)
     reached = {id(p) for group in masters.lp_groups() for p in group}
     missing = [name for name, p in model.named_parameters()
