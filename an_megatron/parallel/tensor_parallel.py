@@ -22,8 +22,14 @@ def gather_tp_tensor(local: torch.Tensor, partition_dim: int, stride: int, group
         return local.detach().clone()
     shards = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(shards, local.detach().contiguous(), group=group)
+    return merge_tp_shards(shards, partition_dim, stride)
+
+
+def merge_tp_shards(shards: list[torch.Tensor], partition_dim: int, stride: int) -> torch.Tensor:
+    """The full tensor from every rank's shard, in rank order (no process group: checkpoint
+    conversion reads the shards from files)."""
     parts = [s.chunk(stride, dim=partition_dim) for s in shards]  # parts[rank][j]
-    return torch.cat([parts[r][j] for j in range(stride) for r in range(world)], dim=partition_dim)
+    return torch.cat([parts[r][j] for j in range(stride) for r in range(len(shards))], dim=partition_dim)
 
 
 def shard_tp_tensor(full: torch.Tensor, partition_dim: int, stride: int, rank: int, world: int) -> torch.Tensor:

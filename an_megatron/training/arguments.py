@@ -50,6 +50,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save (with --save) and exit when the iteration is a multiple of this")
     g.add_argument("--load", default=None)
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load only the weights from --load (fresh optimizer; needed for converted checkpoints)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states saved in --load")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=100)

@@ -93,13 +93,23 @@ def check_compatible(meta: dict, config: ModelConfig, load_dir: str) -> None:
         raise CheckpointError(f"--load {load_dir}: checkpoint model differs from the flags: {', '.join(diffs)}")
 
 
-def load_checkpoint(engine, load_dir: str, config: ModelConfig) -> tuple[int, int]:
-    """Restore engine (weights, optimizer) and our state; returns (iteration, consumed_samples)."""
+def load_checkpoint(engine, load_dir: str, config: ModelConfig, load_optim: bool = True,
+                    load_rng: bool = True) -> tuple[int, int]:
+    """Restore engine (weights, and the optimizer unless ``load_optim`` is False) and our state;
+    returns (iteration, consumed_samples). Without the optimizer, DeepSpeed loads the module only
+    (``load_module_only``) and ZeRO-1/2 copy the loaded weights into their fp32 masters."""
     tag, meta = read_checkpoint_meta(load_dir)
     check_compatible(meta, config, load_dir)
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+    if meta.get("weights_only") and load_optim:
+        raise CheckpointError(f"--load {load_dir}: {tag} holds weights only (written by tools/convert_checkpoint.py): "
+                              f"add --no-load-optim")
+    if meta.get("weights_only") and engine.zero_optimization_partition_weights():
+        raise CheckpointError(f"--load {load_dir}: {tag} holds weights only, and DeepSpeed loads ZeRO-3 weights from "
+                              f"optimizer files: start from it with ZeRO stage 0-2")
+    path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
+                                                load_lr_scheduler_states=load_optim, load_module_only=not load_optim)
     if path is None:
         raise CheckpointError(f"--load {load_dir}: DeepSpeed could not load {tag!r}")
-    if client_state and "rng" in client_state:
+    if load_rng and client_state and "rng" in client_state:
         _set_rng_state(client_state["rng"])
     return meta["iteration"], meta["consumed_samples"]

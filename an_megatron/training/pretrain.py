@@ -69,7 +69,8 @@ class Trainer:
         register_norm_bound(self.engine, model)
         self.iteration, self.consumed_samples = 0, 0
         if args.load:
-            self.iteration, self.consumed_samples = load_checkpoint(self.engine, args.load, self.config)
+            self.iteration, self.consumed_samples = load_checkpoint(
+                self.engine, args.load, self.config, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
             print_rank0(f"loaded checkpoint from {args.load} at iteration {self.iteration}")
         self._build_data()
         is_logger = dist.get_rank() == dist.get_world_size() - 1 if self.pipelined else dist.get_rank() == 0
