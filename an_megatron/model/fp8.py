@@ -60,7 +60,7 @@ def check_fp8(config) -> None:
     c = config
     if c.transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"--transformer-impl {c.transformer_impl!r}: choose one of {', '.join(TRANSFORMER_IMPLS)}")
-    if c.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+    if c.transformer_impl == "transformer_engine" and not transformer_engine_installed():
         raise ValueError(f"--transformer-impl transformer_engine: Transformer Engine is not installed; {TE_INSTALL_HINT}")
     if c.fp8 is None:
         for flag, value in (("--fp8-recipe", c.fp8_recipe), ("--fp8-backend", c.fp8_backend)):
@@ -98,6 +98,11 @@ def check_fp8(config) -> None:
 # ---- Transformer Engine -----------------------------------------------------------------------
 class TransformerEngineMissing(ImportError):
     pass
+
+
+def transformer_engine_installed() -> bool:
+    """Whether TE can be imported, without importing it (checked when the flags ask for it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def import_transformer_engine():
@@ -159,13 +164,18 @@ def quantization_scale(amax: torch.Tensor, dtype: torch.dtype, margin: int = 0) 
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x * scale)`` cast to ``dtype`` and the dequantization factor ``1 / scale`` (what
-    ``_scaled_mm`` takes). Values are clamped to the format's range first: e5m2 would turn
-    them into inf, and fp32 rounding can put ``amax * scale`` just past the maximum."""
-    scale = quantization_scale(x.detach().abs().amax(), dtype, margin)
+def to_fp8_saturated(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to FP8, clamping to the format's range first: a plain cast turns e5m2 overflow into
+    inf, and fp32 rounding can put ``amax * scale`` just past the maximum."""
     limit = fp8_max(dtype)
-    return (x.float() * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
+    return x.clamp(-limit, limit).to(dtype)
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x * scale`` in FP8, and the dequantization factor ``1 / scale`` (what ``_scaled_mm``
+    takes), with the scale from x's current amax."""
+    scale = quantization_scale(x.detach().abs().amax(), dtype, margin)
+    return to_fp8_saturated(x.float() * scale, dtype), scale.reciprocal()
 
 
 def scaled_matmul(a: torch.Tensor, a_inv_scale, b: torch.Tensor, b_inv_scale, out_dtype) -> torch.Tensor:
