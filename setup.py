@@ -23,7 +23,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib", "psutil"],
         # Transformer Engine needs CUDA and a matching toolkit; it is imported lazily and
         # only when FP8 is asked for.
         "fp8": ["transformer-engine[pytorch]"],

@@ -32,10 +32,12 @@ from an_megatron.training.run_analysis import (  # noqa: E402
 )
 
 ARCHS = ("gptplus", "ngpt", "angpt")
-# Chosen so the whole benchmark (12 sweep runs + 5 ablations) fits in about 1.5-2 hours on a
-# 2-core CPU: d=128 is the largest width at which 17 runs of 600 steps stay in that budget.
+# Chosen so the whole benchmark (12 sweep runs + 5 ablations, one process each) fits in about an
+# hour on a 2-core CPU (~3 min a run): the demo's model (d=128, 4 layers, T=128), 400 steps of
+# 16 sequences (0.8M tokens, about 0.8 epochs of the corpus). Wider or longer runs would not
+# leave room for the sweep, which a fair comparison needs more than size.
 FULL = dict(model=["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128"],
-            micro=16, global_batch=16, iters=600, eval_interval=50, eval_iters=8, vocab=4000,
+            micro=16, global_batch=16, iters=400, eval_interval=40, eval_iters=8, vocab=4000,
             lrs=[1.5e-3, 3e-3, 6e-3, 1.2e-2])
 SMOKE = dict(model=["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32"],
              micro=4, global_batch=4, iters=6, eval_interval=3, eval_iters=1, vocab=500, lrs=[3e-3])

@@ -3,5 +3,7 @@ with the reason it exists. ``an_megatron`` applies them on import; none changes 
 
 - ``quiet_optional_imports``: megatron-core warns at import time, four times, that Transformer
   Engine and Apex are missing, although we use neither unless FP8 is asked for.
+- ``blended_dataset_rank``: megatron-core's ``BlendedDataset`` asks for the process rank even
+  without a process group; single-process runs with ``--data-cache-path`` need an answer.
 """
 from megatron_patches import quiet_optional_imports  # noqa: F401

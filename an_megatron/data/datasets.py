@@ -11,11 +11,10 @@ or `{prefix}/cache` beside each dataset) must therefore be visible to every rank
 """
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
 
 import numpy
-import torch
+
+from megatron_patches.blended_dataset_rank import single_process_rank_zero
 
 from an_megatron.data.errors import DataError
 from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
@@ -93,22 +92,6 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
     )
     builder = builder_module.BlendedMegatronDatasetBuilder(
         dataset_class, sizes, is_built_on_rank or (lambda: True), config)
-    with _single_process_rank_zero():
+    with single_process_rank_zero():  # a megatron-core workaround: see megatron_patches
         train, valid, test = builder.build()
     return train, valid, test
-
-
-@contextlib.contextmanager
-def _single_process_rank_zero():
-    """Without a process group, answer torch.distributed.get_rank() with 0.
-
-    megatron-core 0.16.1's BlendedDataset asks for the rank whenever a cache path is set, even
-    when torch.distributed is not initialized (GPTDataset checks is_initialized() first), so a
-    blend with --data-cache-path fails in single-process runs and tests. With a process group
-    this does nothing.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        yield
-        return
-    with mock.patch.object(torch.distributed, "get_rank", lambda group=None: 0):
-        yield
