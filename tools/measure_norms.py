@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-path", default=None, help="prefix of a preprocessed corpus (.bin/.idx); random tokens if absent")
     p.add_argument("--json", action="store_true", help="one JSON object per measured quantity")
+    p.add_argument("--load", default=None, help="measure these weights: a checkpoint directory or a file from "
+                   "tools/convert_checkpoint.py consolidate (its config replaces the model flags)")
     return p.parse_args(argv)
 
 
@@ -53,9 +55,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     initialize_parallel(1, 1)
     try:
-        config = model_config_from_args(args, args.vocab_size)
         torch.manual_seed(args.seed)
-        model = GPTModel(config)
+        if args.load:
+            from an_megatron.training.convert import ConvertError, load_into_model
+
+            try:
+                model = load_into_model(args.load)
+            except ConvertError as e:
+                raise SystemExit(f"error: {e}") from None
+            config = model.config
+            args.vocab_size, args.seq_length = config.vocab_size, config.seq_length
+        else:
+            config = model_config_from_args(args, args.vocab_size)
+            model = GPTModel(config)
         if args.data_path:
             tokens = corpus_tokens(args.data_path, args.micro_batch_size, args.seq_length, args.vocab_size)
         else:

@@ -96,29 +96,33 @@ def _load(path: str) -> dict:
         raise ConvertError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
 
 
-def _zero_masters(ckpt_dir: str, mp_rank: int) -> dict[str, torch.Tensor]:
-    """One model-parallel rank's fp32 masters, merged over its data-parallel partitions by
-    DeepSpeed's own ``zero_to_fp32`` functions."""
+def _zero_masters(ckpt_dir: str, mp_rank: int, stage: int, dp: int, bf16: bool,
+                  pipelined: bool) -> dict[str, torch.Tensor]:
+    """One model-parallel rank's fp32 masters, merged over its ``dp`` data-parallel partitions by
+    DeepSpeed's own ``zero_to_fp32`` functions (file names as the engine writes them)."""
     from deepspeed.utils import zero_to_fp32 as z
 
-    model_files = sorted(glob.glob(os.path.join(ckpt_dir, f"*mp_rank_{mp_rank:02d}_model_states.pt")),
-                         key=z.natural_keys)
-    optim_files = sorted(glob.glob(os.path.join(ckpt_dir, f"*mp_rank_{mp_rank:02d}_optim_states.pt")),
-                         key=z.natural_keys)
-    if not model_files or not optim_files:
-        raise ConvertError(f"{ckpt_dir}: no mp_rank_{mp_rank:02d} model/optimizer state files (ZeRO checkpoint "
-                           f"incomplete)")
-    if any(os.path.basename(f).startswith("bf16_") for f in optim_files):
-        raise ConvertError(f"{optim_files[0]}: DeepSpeed's BF16_Optimizer format (bf16 + grad_accum_dtype fp32) "
-                           f"is not supported; train with ZeRO-1/2 defaults or stage 0")
+    mp = f"mp_rank_{mp_rank:02d}"
+    model_files = ([f"zero_pp_rank_{d}_{mp}_model_states.pt" for d in range(dp)] if stage == 3
+                   else [f"{mp}_model_states.pt"])
+    optim_files = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{d}_{mp}_optim_states.pt" for d in range(dp)]
+    model_files, optim_files = ([os.path.join(ckpt_dir, f) for f in files] for files in (model_files, optim_files))
+    for f in model_files + optim_files:
+        _load_exists(f)
     try:
-        states = z.parse_model_states(model_files)
+        if pipelined:  # the pipeline's weights are in layer files: its model states have no 'module'
+            head = _load(model_files[0])
+            states = [z.zero_model_state(buffers={}, param_shapes=head["param_shapes"], shared_params=[],
+                                         ds_version=head.get("ds_version"), frozen_param_shapes=None,
+                                         frozen_param_fragments=None)]
+        else:
+            states = z.parse_model_states(model_files)
         stage, world, fp32_groups, paddings = z.parse_optim_states(optim_files, ckpt_dir)
         if stage <= 2:
             sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, fp32_groups, states, False, paddings)
         else:
             sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, fp32_groups, states, False)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError) as e:  # e.g. BF16_Optimizer files (bf16 + grad_accum_dtype fp32): not ZeRO's
         raise ConvertError(f"{ckpt_dir} (mp_rank_{mp_rank:02d}): {e}") from None
     return {k: v.contiguous().float().clone() for k, v in sd.items()}
 
@@ -173,6 +177,7 @@ def consolidate(load_dir: str, tag: str | None = None) -> dict:
     mp_world, dp = head.get("mp_world_size", 1), head.get("dp_world_size", 1)
     ds_config = head.get("ds_config") or {}
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
     pp = max(1, mp_world // tp)
     pipelined = os.path.isfile(os.path.join(ckpt_dir, "layer_00-model_00-model_states.pt"))
     if mp_world != tp * pp:
@@ -183,7 +188,7 @@ def consolidate(load_dir: str, tag: str | None = None) -> dict:
     for mp_rank in range(mp_world):
         tp_rank = mp_rank % tp
         if stage > 0:
-            local = _zero_masters(ckpt_dir, mp_rank)
+            local = _zero_masters(ckpt_dir, mp_rank, stage, dp, bf16, pipelined)
         elif pipelined and mp_rank >= tp:
             continue  # the layer files of every stage were read with the first stage
         else:
@@ -209,7 +214,7 @@ def consolidate(load_dir: str, tag: str | None = None) -> dict:
     return dict(format=FORMAT, model=model, config=replace(config, tensor_model_parallel_size=1).to_dict(),
                 iteration=meta["iteration"], consumed_samples=meta.get("consumed_samples", 0),
                 source=dict(path=ckpt_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                            data_parallel_size=dp, zero_stage=stage, bf16=bool(ds_config.get("bf16", {}).get("enabled"))))
+                            data_parallel_size=dp, zero_stage=stage, bf16=bf16))
 
 
 def load_consolidated(path: str) -> dict:
@@ -224,6 +229,23 @@ def load_consolidated(path: str) -> dict:
 def load_weights(path: str) -> dict:
     """A consolidated file, or a checkpoint directory (consolidated on the fly)."""
     return consolidate(path) if os.path.isdir(path) else load_consolidated(path)
+
+
+def load_into_model(path: str):
+    """A TP=1 ``GPTModel`` holding the weights of ``path`` (consolidated file or checkpoint
+    directory); needs a one-process world (``initialize_parallel(1, 1)``)."""
+    from an_megatron.model import GPTModel
+
+    obj = load_weights(path)
+    model = GPTModel(ModelConfig(**obj["config"]))
+    params = dict(model.named_parameters())
+    if params.keys() != obj["model"].keys():
+        raise ConvertError(f"{path}: parameters differ from the model its config builds: "
+                           f"{sorted(params.keys() ^ obj['model'].keys())[:4]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(obj["model"][name])
+    return model
 
 
 # ---- writing another layout ------------------------------------------------------------------
