@@ -13,8 +13,9 @@ by a function of its norm", so one mechanism serves both, in three settings:
   squares per vector locally, all-reduces the sums over the DP group (and the TP group for
   split rows), then each rank scales only its own fragment.
 
-The vectors are identified by index: element ``k`` of a row-major ``(R, C)`` matrix belongs to
-row ``k // C`` (``dim=1``, norms along the input dimension) or column ``k % C`` (``dim=0``).
+Element ``k`` of a row-major ``(R, C)`` matrix belongs to row ``k // C`` (``dim=1``, norms
+along the input dimension) and column ``k % C`` (``dim=0``); a fragment is handled as at most a
+partial row, a block of whole rows and a partial row, so every pass runs on plain views.
 """
 from __future__ import annotations
 
@@ -49,24 +50,43 @@ class NormConstraint:
             raise ValueError(f"norm constraint dim must be 0 or 1, got {self.dim}")
 
 
-def vector_index(shape: Sequence[int], dim: int, start: int, numel: int, device=None) -> torch.Tensor:
-    """Index of the vector (row for ``dim=1``, column for ``dim=0``) that each element of the
-    flat fragment ``[start, start + numel)`` of a row-major ``shape = (R, C)`` matrix is in."""
-    cols = shape[1]
-    flat = torch.arange(start, start + numel, device=device)
-    return flat // cols if dim == 1 else flat % cols
-
-
 def num_vectors(shape: Sequence[int], dim: int) -> int:
     return shape[0] if dim == 1 else shape[1]
+
+
+def _pieces(fragment: torch.Tensor, start: int, cols: int):
+    """Split a flat fragment ``[start, start + n)`` of a row-major ``(R, cols)`` matrix into at
+    most three views: a partial first row, a ``(k, cols)`` block of whole rows, a partial last
+    row. Yields ``(view, row, col)`` with the row and column of the view's first element; the
+    block is 2-D. Working on views keeps the bound at memory speed (no per-element index)."""
+    flat = fragment.view(-1)
+    n, pos = flat.numel(), 0
+    head = min(n, (-start) % cols)
+    if head:
+        yield flat[:head], start // cols, start % cols
+        pos = head
+    whole = (n - pos) // cols
+    if whole:
+        yield flat[pos:pos + whole * cols].view(whole, cols), (start + pos) // cols, 0
+        pos += whole * cols
+    if pos < n:
+        yield flat[pos:], (start + pos) // cols, 0
 
 
 def partial_sq_norms(fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int) -> torch.Tensor:
     """Per-vector sums of squares over the elements this fragment holds (zeros elsewhere), fp32."""
     out = torch.zeros(num_vectors(shape, dim), dtype=torch.float32, device=fragment.device)
-    if fragment.numel():
-        f32 = fragment.detach().reshape(-1).float()
-        out.index_add_(0, vector_index(shape, dim, start, f32.numel(), f32.device), f32 * f32)
+    for piece, row, col in _pieces(fragment.detach(), start, shape[1]):
+        sq = piece.float().pow(2)
+        if piece.dim() == 2:
+            if dim == 1:
+                out[row:row + piece.shape[0]] += sq.sum(1)
+            else:
+                out += sq.sum(0)
+        elif dim == 1:
+            out[row] += sq.sum()
+        else:
+            out[col:col + piece.numel()] += sq
     return out
 
 
@@ -81,10 +101,14 @@ def norm_scales(sq_norms: torch.Tensor, mode: str, max_norm: float = 1.0) -> tor
 
 def apply_scales_(fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int, scales: torch.Tensor) -> None:
     """Multiply each element of the flat fragment by its vector's scale, in place."""
-    if fragment.numel():
-        idx = vector_index(shape, dim, start, fragment.numel(), fragment.device)
-        flat = fragment.view(-1)
-        flat.mul_(scales.to(flat.dtype)[idx])
+    scales = scales.to(fragment.dtype)
+    for piece, row, col in _pieces(fragment, start, shape[1]):
+        if piece.dim() == 2:
+            piece.mul_(scales[row:row + piece.shape[0], None] if dim == 1 else scales[None, :])
+        elif dim == 1:
+            piece.mul_(scales[row])
+        else:
+            piece.mul_(scales[col:col + piece.numel()])
 
 
 @dataclass
