@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue as queue_module
 import socket
 import statistics
 import time
@@ -163,7 +164,16 @@ def main(argv=None):
     procs = [ctx.Process(target=_worker, args=(r, args, port, queue)) for r in range(args.world_size)]
     for p in procs:
         p.start()
-    results = dict(queue.get() for _ in procs)
+    results = {}
+    while len(results) < len(procs):  # a rank that dies (its traceback is on stderr) ends the run
+        try:
+            rank, result = queue.get(timeout=1.0)
+            results[rank] = result
+        except queue_module.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                raise SystemExit("a rank failed; see its traceback above")
     for p in procs:
         p.join()
     r0 = results[0]
@@ -175,10 +185,11 @@ def main(argv=None):
     print("rank | fp32 masters held | bound ms | engine.step ms | iteration ms | bound / step | bound / iteration "
           "| step ms without bound | iteration ms without bound | floor ms")
     for rank in sorted(results):
-        w, wo = results[rank]["with_bound"], results[rank]["without"]
+        res = results[rank]
+        w, wo = res["with_bound"], res["without"]
         bound, step, it = (_median_ms(w, i) for i in (2, 1, 0))
-        print(f"{rank} | {results[rank]['local'] / 1e6:.2f}M | {bound:.2f} | {step:.2f} | {it:.1f} | {bound / step:.1%} "
-              f"| {bound / it:.2%} | {_median_ms(wo, 1):.2f} | {_median_ms(wo, 0):.1f} | {results[rank]['floor_ms']:.2f}")
+        print(f"{rank} | {res['local'] / 1e6:.2f}M | {bound:.2f} | {step:.2f} | {it:.1f} | {bound / step:.1%} "
+              f"| {bound / it:.2%} | {_median_ms(wo, 1):.2f} | {_median_ms(wo, 0):.1f} | {res['floor_ms']:.2f}")
 
 
 if __name__ == "__main__":

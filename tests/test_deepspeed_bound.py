@@ -126,7 +126,8 @@ def _full_weights(engine):
     from an_megatron.parallel import tp_group
     from an_megatron.parallel.tensor_parallel import full_named_tensors
 
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=engine.zero_optimization_stage() == 3):
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
         return full_named_tensors(engine.module, tp_group())
 
 
@@ -162,7 +163,7 @@ def _fp32_modes(tp, modes, checkpoint_dir=None):
         cuts = _zero12_cuts_a_row(engine) if stage in (1, 2) else None
         losses = _train(engine, f"{checkpoint_dir}/{arch}-{stage}" if "reload" in key else None)
         out[key] = dict(mode=bound.mode, wrapper=type(engine.optimizer).__name__, losses=losses,
-                                weights=_full_weights(engine), cuts_a_row=cuts)
+                        weights=_full_weights(engine), cuts_a_row=cuts)
         engine.destroy()
     return out
 
@@ -175,7 +176,7 @@ WRAPPERS = {0: ("dense", "Adam"), 1: ("zero-1/2", "DeepSpeedZeroOptimizer"),
 
 @pytest.fixture(scope="module")
 def dp2_fp32(tmp_path_factory):
-    ranks = run_distributed(_fp32_modes, 2, 1, FP32_MODES, str(tmp_path_factory.mktemp("ckpt")), timeout=150)
+    ranks = run_distributed(_fp32_modes, 2, 1, FP32_MODES, str(tmp_path_factory.mktemp("ckpt")), timeout=240)
     return ranks, ranks[0]["reference"]
 
 
@@ -194,7 +195,7 @@ def _assert_matches_reference(ranks, key, ref):
             _assert_close(r[key]["weights"][name], w, f"{key} weight {name}")
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("key", FP32_MODES, ids=["-".join([k[0], f"zero{k[1]}", *k[2:]]) for k in FP32_MODES])
 def test_dp2_matches_one_process(dp2_fp32, key):
     ranks, ref = dp2_fp32
@@ -203,7 +204,7 @@ def test_dp2_matches_one_process(dp2_fp32, key):
         assert any(r[key]["cuts_a_row"] for r in ranks)
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_reference_bound_acted(dp2_fp32):
     """The references themselves: anGPT rows at most 1, nGPT rows / columns exactly 1."""
     _, ref = dp2_fp32
@@ -211,8 +212,11 @@ def test_reference_bound_acted(dp2_fp32):
         assert len(ref[arch]["dims"]) == 2 + 4 * SHAPE["num_layers"] + 1  # embedding, head, 4 per layer, odd
         for name, dim in ref[arch]["dims"].items():
             norms = ref[arch]["weights"][name].norm(dim=dim)
-            assert norms.max() <= 1 + 1e-5, name
-            assert norms.min() >= 0.95, name  # at the bound (pushed past it), not collapsed
+            if arch == "ngpt":
+                torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5, msg=name)
+            else:
+                assert norms.max() <= 1 + 1e-5, name
+                assert norms.min() >= 0.95, name  # at the bound (pushed past it), not collapsed
 
 
 def _full_masters(engine):
@@ -302,10 +306,10 @@ def _bf16_modes():
 
 @pytest.fixture(scope="module")
 def dp2_bf16():
-    return run_distributed(_bf16_modes, 2, timeout=150)
+    return run_distributed(_bf16_modes, 2, timeout=240)
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", list(BF16_MODES))
 def test_bf16_masters_bounded_and_model_is_their_rounding(dp2_bf16, name):
     """bf16: DP ranks need not match one process bit for bit, but after every step each
@@ -328,12 +332,12 @@ def test_bf16_masters_bounded_and_model_is_their_rounding(dp2_bf16, name):
 TP_MODES = [("angpt", 1), ("angpt", 3)]
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_tp2_dp2_matches_one_process(dp2_fp32):
     """TP=2 x DP=2 on 4 ranks: row-parallel rows are split over TP and cut by ZeRO over DP, so
     their norms need both all-reduces. The TP=1 reference has the same init (same seed)."""
     _, ref = dp2_fp32
-    ranks = run_distributed(_fp32_modes, 4, 2, TP_MODES, timeout=180)
+    ranks = run_distributed(_fp32_modes, 4, 2, TP_MODES, timeout=240)
     for key in TP_MODES:
         _assert_matches_reference(ranks, key, ref)
     assert any(r[("angpt", 1)]["cuts_a_row"] for r in ranks)

@@ -74,7 +74,8 @@ class _DenseMasters(_Masters):
         return [list(g["params"]) for g in self.wrapper.param_groups]
 
     def fragments(self, masters):
-        return [Fragment(p.detach(), 0, tuple(p.shape), p.norm_constraint) for p in constrained_parameters(masters)], None
+        frags = [Fragment(p.detach(), 0, tuple(p.shape), p.norm_constraint) for p in constrained_parameters(masters)]
+        return frags, None
 
 
 class _UnfusedMasters(_Masters):
