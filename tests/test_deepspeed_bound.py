@@ -353,6 +353,7 @@ class _TwoWeights(torch.nn.Module):
             p.norm_constraint = NormConstraint("bound")
 
 
+@pytest.mark.timeout(60)
 def test_constrained_weight_outside_the_optimizer_is_an_error():
     """A constrained weight that no master covers would silently drift past the bound."""
     from types import SimpleNamespace
