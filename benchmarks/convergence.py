@@ -77,15 +77,24 @@ def run_name(arch: str, lr: float, ablation: str | None = None) -> str:
     return base if ablation is None else f"{base}_{ablation.replace(' ', '_').replace('=', '')}"
 
 
-def train(out, cfg, tok, data, arch, lr, extra=(), name=None) -> str:
-    """One run (skipped when its metrics already hold the final evaluation)."""
+def is_finished(metrics: str, cfg: dict) -> bool:
+    if not os.path.exists(metrics):
+        return False
+    evals = read_metrics(metrics)["eval"]
+    return bool(evals) and evals[-1]["iteration"] == cfg["iters"]
+
+
+def train(out, cfg, tok, data, arch, lr, extra=(), name=None, summarize_only=False) -> str | None:
+    """One run (skipped when its metrics already hold the final evaluation). With
+    ``summarize_only``, the metrics of a finished run or None."""
     name = name or run_name(arch, lr)
     run_dir = os.path.join(out, "runs", name)
     metrics = os.path.join(run_dir, "metrics.jsonl")
+    if is_finished(metrics, cfg):
+        return metrics
+    if summarize_only:
+        return None
     if os.path.exists(metrics):
-        evals = read_metrics(metrics)["eval"]
-        if evals and evals[-1]["iteration"] == cfg["iters"]:
-            return metrics
         os.remove(metrics)
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, "examples/pretrain_angpt.py", "--deepspeed_config", "examples/ds_fp32.json",
@@ -163,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="two tiny runs, a few steps (the test suite's check)")
     p.add_argument("--archs", nargs="*", default=None)
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="train nothing: summarize the finished runs under --out (e.g. of an interrupted benchmark)")
     args = p.parse_args(argv)
     cfg = SMOKE if args.smoke else FULL
     archs = args.archs or (["gptplus", "angpt"] if args.smoke else list(ARCHS))
@@ -172,13 +183,19 @@ def main(argv=None) -> int:
     sweep = {}
     for arch in archs:
         print(f"{arch}: learning rates {cfg['lrs']}", flush=True)
-        sweep[arch] = {lr: train(args.out, cfg, tok, data, arch, lr) for lr in cfg["lrs"]}
+        runs = {lr: train(args.out, cfg, tok, data, arch, lr, summarize_only=args.summarize_only) for lr in cfg["lrs"]}
+        runs = {lr: path for lr, path in runs.items() if path}
+        if runs:
+            sweep[arch] = runs
     ablations = {}
     if "angpt" in sweep and not (args.no_ablations or args.smoke):
         lr = min(sweep["angpt"], key=lambda x: final_val(sweep["angpt"][x]))
         print(f"anGPT ablations at lr {lr:g}", flush=True)
         for name, flags in ABLATIONS.items():
-            ablations[name] = train(args.out, cfg, tok, data, "angpt", lr, flags, name=run_name("angpt", lr, name))
+            path = train(args.out, cfg, tok, data, "angpt", lr, flags, name=run_name("angpt", lr, name),
+                         summarize_only=args.summarize_only)
+            if path:
+                ablations[name] = path
     summary = summarize(args.out, cfg, sweep, ablations)
     summary["wall_time_s"] = time.time() - t0
     with open(os.path.join(args.out, "summary.json"), "w") as f:
