@@ -64,7 +64,8 @@ def save_checkpoint(engine, save_dir: str, iteration: int, consumed_samples: int
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's files are written before the pointer moves
     if dist.get_rank() == 0:
-        meta = dict(iteration=iteration, consumed_samples=consumed_samples, model_config=config.to_dict())
+        meta = dict(iteration=iteration, consumed_samples=consumed_samples, model_config=config.to_dict(),
+                    pipeline_model_parallel_size=args.pipeline_model_parallel_size)
         _write_atomic(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1))
         _write_atomic(os.path.join(save_dir, LATEST), tag)
     dist.barrier()
@@ -98,8 +99,15 @@ def load_checkpoint(engine, load_dir: str, config: ModelConfig, load_optim: bool
     """Restore engine (weights, and the optimizer unless ``load_optim`` is False) and our state;
     returns (iteration, consumed_samples). Without the optimizer, DeepSpeed loads the module only
     (``load_module_only``) and ZeRO-1/2 copy the loaded weights into their fp32 masters."""
+    from an_megatron.parallel import groups
+
     tag, meta = read_checkpoint_meta(load_dir)
     check_compatible(meta, config, load_dir)
+    saved = (meta["model_config"].get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
+    run = (config.tensor_model_parallel_size, groups.pp_size())
+    if saved[0] != run[0] or saved[1] not in (None, run[1]):  # DeepSpeed would fail with a traceback
+        raise CheckpointError(f"--load {load_dir}: {tag} was saved with TP={saved[0]} PP={saved[1]}, this run is "
+                              f"TP={run[0]} PP={run[1]}: convert it with tools/convert_checkpoint.py reshard")
     if meta.get("weights_only") and load_optim:
         raise CheckpointError(f"--load {load_dir}: {tag} holds weights only (written by tools/convert_checkpoint.py): "
                               f"add --no-load-optim")

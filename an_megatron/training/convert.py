@@ -6,11 +6,16 @@ dict (TP=1), "iteration", "consumed_samples", "source"}``. Where ZeRO keeps fp32
 1-3) they are the weights: in bf16 the module copies are rounded. DeepSpeed's own reader
 (``zero_to_fp32``) merges the data-parallel partitions, but it globs every ``*_optim_states.pt``
 of the directory and so handles one model-parallel rank only; we call the functions it builds on
-once per model-parallel rank (``mp_rank_XX``: pipeline stage x tensor rank). Stage 0 has no
-masters: the weights are the module's (``mp_rank_XX_model_states.pt``, or the pipeline's layer
-files). Tensor-parallel shards are merged with ``merge_tp_shards``; which parameters are split,
-along which dimension and with which stride is read from a TP=1 ``GPTModel`` built from the saved
-config (megatron-core marks its parameters), so it cannot drift from the model.
+once per model-parallel rank (``mp_rank_XX``: pipeline stage x tensor rank; a pipeline's model
+states hold no ``module``, so we describe them to it ourselves). Stage 0 takes the module's weights
+(``mp_rank_XX_model_states.pt``, or the pipeline's layer files): exact in fp32; in bf16 they are
+the rounded copies (the stage-0 bf16 optimizer's masters are stored without names).
+Tensor-parallel shards are merged with ``merge_tp_shards``; which parameters are split, along
+which dimension and with which stride is read from a TP=1 ``GPTModel`` built from the saved config
+(megatron-core marks its parameters), so it cannot drift from the model.
+
+The writer starts ``T * P`` processes that each load the whole consolidated file: the host needs
+that much memory (fine for CPU-side conversion of the models this project trains).
 
 **Write another layout** (``write_layout``): the target checkpoint is written by DeepSpeed itself.
 We start ``T * P`` processes (a one-node gloo world), build the target model (``GPTModel`` or the
@@ -27,7 +32,6 @@ ZeRO stage 0, 1 or 2.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -168,7 +172,8 @@ def consolidate(load_dir: str, tag: str | None = None) -> dict:
         meta_path = os.path.join(load_dir, tag, META)
         if not os.path.isfile(meta_path):
             raise ConvertError(f"--tag {tag}: {meta_path} missing")
-        meta = json.load(open(meta_path))
+        with open(meta_path) as f:
+            meta = json.load(f)
     tag = tag or latest_tag
     ckpt_dir = os.path.join(load_dir, tag)
     config = ModelConfig(**meta["model_config"])
@@ -290,7 +295,8 @@ def _write_rank(rank: int, world: int, port: int, src: str, out_dir: str, tp: in
         dist.barrier()
         if rank == 0:
             meta = dict(iteration=obj["iteration"], consumed_samples=obj["consumed_samples"],
-                        model_config=config.to_dict(), **{WEIGHTS_ONLY: True}, converted_from=obj.get("source"))
+                        model_config=config.to_dict(), pipeline_model_parallel_size=pp, **{WEIGHTS_ONLY: True},
+                        converted_from=obj.get("source"))
             _write_atomic(os.path.join(out_dir, tag, META), json.dumps(meta, indent=1))
             _write_atomic(os.path.join(out_dir, LATEST), tag)
         dist.barrier()
