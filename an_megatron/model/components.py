@@ -117,22 +117,26 @@ class ScaledLerpResidual(nn.Module):
 
 class GateScales(nn.Module):
     """nGPT's SwiGLU rescale: ``u = s_u * u``, ``z = s_v * sqrt(d) * z``. The ``sqrt(d)`` puts
-    the gate's entries (unit norm over ``f``) at variance ``d / f``, where SiLU is not linear."""
+    the gate's entries (unit norm over ``f``) at variance ``d / f``, where SiLU is not linear.
+    ``u_factor`` and ``z_factor`` are constants folded into the same multiplications (anGPT's
+    ``nu`` factors; 1 for nGPT)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, u_factor: float = 1.0, z_factor: float = 1.0):
         super().__init__()
         f = _local(config.ffn_hidden_size, config)
         self.s_u = Scale(f, *config.scale_init("s_u"), tp_sharded=True)
         self.s_v = Scale(f, *config.scale_init("s_v"), tp_sharded=True)
-        self.sqrt_d = math.sqrt(config.hidden_size)
+        self.u_factor, self.z_factor = u_factor, z_factor * math.sqrt(config.hidden_size)
 
     def forward(self, u, z):
-        return u * self.s_u(), z * (self.s_v() * self.sqrt_d)
+        return u * (self.s_u() * self.u_factor), z * (self.s_v() * self.z_factor)
 
 
 class NoGateScales(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, u_factor: float = 1.0, z_factor: float = 1.0):
         super().__init__()
+        if (u_factor, z_factor) != (1.0, 1.0):
+            raise ValueError("constant factors need a GateScales component to be folded into")
 
     def forward(self, u, z):
         return u, z

@@ -44,7 +44,8 @@ def measure_norms(model: torch.nn.Module, tokens: torch.Tensor, tp_group=None) -
 
     def hook(name, tap):
         def fn(module, inputs, output):
-            sq = output.float().pow(2).sum(-1)
+            scale = inputs[1] if len(inputs) > 1 else 1.0
+            sq = (output.float() * scale).pow(2).sum(-1)
             if tap.tp_sharded and tp_group is not None and dist.get_world_size(tp_group) > 1:
                 dist.all_reduce(sq, group=tp_group)
             norms = sq.sqrt().flatten()

@@ -20,7 +20,7 @@ from an_megatron.model.arch import ARCH_SPECS, ArchSpec
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.factors import nu_act, nu_att_dense, nu_att_exact, nu_linear
 from an_megatron.model.layers import column_parallel, row_parallel, vocab_embedding
-from an_megatron.model.scales import Tap, factor
+from an_megatron.model.scales import Tap
 
 
 @lru_cache(maxsize=8)
@@ -39,15 +39,16 @@ def apply_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
-def causal_attention(q, k, v, softmax_scale: float, nu_att: str) -> torch.Tensor:
-    """Per-head causal softmax attention on ``(b, s, heads, d_h)``, followed by ``nu_att``.
+def causal_attention(q, k, v, softmax_scale: float, exact_nu_att: bool) -> torch.Tensor:
+    """Per-head causal softmax attention on ``(b, s, heads, d_h)``.
 
-    ``dense`` and ``none`` run through ``scaled_dot_product_attention``. ``exact`` needs
-    ``sum_j a_tj^2`` per query, which SDPA does not expose, so it computes the logits
-    explicitly and takes the factor from two log-sum-exps, as a constant in backward.
+    Through ``scaled_dot_product_attention``, unless ``exact_nu_att``: the exact factor needs
+    ``sum_j a_tj^2`` per query, which SDPA does not expose, so that path computes the logits
+    explicitly and multiplies each head's output by ``nu_att_exact`` from two log-sum-exps,
+    as a constant in backward.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d_h)
-    if nu_att == "exact":
+    if exact_nu_att:
         T = q.shape[2]
         logits = (q @ k.transpose(-1, -2)) * softmax_scale
         logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
@@ -56,54 +57,75 @@ def causal_attention(q, k, v, softmax_scale: float, nu_att: str) -> torch.Tensor
         o = o * nu_att_exact(lse, torch.logsumexp(2 * logits, dim=-1, keepdim=True)).detach()
     else:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
-        if nu_att == "dense":
-            o = o * nu_att_dense(q.shape[2], o.dtype, o.device)[:, None]
     return o.transpose(1, 2)
 
 
 class Attention(nn.Module):
+    """``x_A = nu_o W_o concat_h(nu_att * softmax(.) (nu_qkv W_v h))`` with per-head QK-norm.
+
+    anGPT's constant factors are folded so they cost one elementwise pass, not four: ``nu_qkv``
+    on q and k is undone by the exact QK-norm that follows, and on v it is a constant through
+    the (linear) attention average and ``W_o``, as are ``nu_o`` and the dense ``nu_att(t)``
+    (the same for every head); so all of them become one per-position factor on the output.
+    The taps record the quantities of ANGPT.md with their factors (for measure_norms).
+    """
+
     def __init__(self, config: ModelConfig, spec: ArchSpec, layer: int):
         super().__init__()
         d, dh = config.hidden_size, config.head_dim
         self.local_heads = config.num_attention_heads // config.tensor_model_parallel_size
         self.head_dim, self.rope_theta = dh, config.rope_theta
         self.qkv = column_parallel(config, f"layers.{layer}.attention.qkv", d, 3 * d, stride=3)
-        self.nu_qkv = factor(nu_linear(d, dh), spec.factors)
+        self.nu_qkv = nu_linear(d, dh) if spec.factors else 1.0
         self.qk_norm = spec.qk_norm(config)
         self.softmax_scale = spec.softmax_scale(dh)
         self.nu_att = config.nu_att if spec.factors else "none"
+        self.factors = spec.factors
         self.proj = row_parallel(config, f"layers.{layer}.attention.proj", d, d)
-        self.nu_o = factor(nu_linear(dh, d), spec.factors)
+        self.nu_o = nu_linear(dh, d) if spec.factors else 1.0
         self.tap_q, self.tap_k, self.tap_v, self.tap_heads, self.tap_out = Tap(), Tap(), Tap(), Tap(), Tap()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, s, _ = h.shape
-        qkv = self.nu_qkv(self.qkv(h)[0]).view(b, s, 3, self.local_heads, self.head_dim)
-        q, k, v = self.tap_q(qkv[:, :, 0]), self.tap_k(qkv[:, :, 1]), self.tap_v(qkv[:, :, 2])
+        q, k, v = self.qkv(h)[0].view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
+        self.tap_q(q, self.nu_qkv), self.tap_k(k, self.nu_qkv), self.tap_v(v, self.nu_qkv)
         q, k = self.qk_norm(apply_rope(q, self.rope_theta), apply_rope(k, self.rope_theta))
-        o = self.tap_heads(causal_attention(q, k, v, self.softmax_scale, self.nu_att))
-        return self.tap_out(self.nu_o(self.proj(o.reshape(b, s, -1))[0]))
+        o = causal_attention(q, k, v, self.softmax_scale, exact_nu_att=self.nu_att == "exact")
+        if not self.factors:
+            self.tap_heads(o)
+            return self.tap_out(self.proj(o.reshape(b, s, -1))[0])
+        # nu_att(t) per position when dense (1 otherwise: exact is already in o)
+        per_position = nu_att_dense(s, o.dtype, o.device) if self.nu_att == "dense" else o.new_ones(s)
+        self.tap_heads(o, self.nu_qkv * per_position[:, None, None])
+        return self.tap_out(self.proj(o.reshape(b, s, -1))[0] * (self.nu_qkv * self.nu_o * per_position[:, None]))
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``W_down (u * SiLU(z))`` with ``u = W_u h``, ``z = W_z h`` (fused, one matmul)."""
+    """SwiGLU: ``W_down (u * SiLU(z))`` with ``u = W_u h``, ``z = W_z h`` (fused, one matmul).
+
+    anGPT's ``x_M = nu_down W_down(nu_act (s_u nu_uz u) * SiLU(s_v sqrt(d) nu_uz z))``: the
+    product is linear in ``u`` and ``W_down`` is linear, so ``nu_uz nu_act nu_down`` joins
+    ``s_u`` and ``nu_uz`` joins ``s_v``: the factors cost no elementwise pass at all.
+    """
 
     def __init__(self, config: ModelConfig, spec: ArchSpec, layer: int):
         super().__init__()
         d, f = config.hidden_size, config.ffn_hidden_size
         self.up_gate = column_parallel(config, f"layers.{layer}.mlp.up_gate", d, 2 * f, stride=2)
-        self.nu_uz = factor(nu_linear(d, f), spec.factors)
-        self.gate_scales = spec.gate_scales(config)
-        self.nu_act = factor(nu_act(d, f), spec.factors)
+        self.nu_uz = nu_linear(d, f) if spec.factors else 1.0
+        self.nu_down = nu_linear(f, d) if spec.factors else 1.0
+        u_factor = self.nu_uz * (nu_act(d, f) if spec.factors else 1.0) * self.nu_down
+        self.gate_scales = spec.gate_scales(config, u_factor=u_factor, z_factor=self.nu_uz)
         self.down = row_parallel(config, f"layers.{layer}.mlp.down", f, d)
-        self.nu_down = factor(nu_linear(f, d), spec.factors)
         self.tap_u, self.tap_act, self.tap_out = Tap(tp_sharded=True), Tap(tp_sharded=True), Tap()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        u, z = self.nu_uz(self.up_gate(h)[0]).chunk(2, dim=-1)
-        u, z = self.gate_scales(self.tap_u(u), z)
-        a = self.tap_act(self.nu_act(u * F.silu(z)))
-        return self.tap_out(self.nu_down(self.down(a)[0]))
+        u, z = self.up_gate(h)[0].chunk(2, dim=-1)
+        self.tap_u(u, self.nu_uz)
+        u, z = self.gate_scales(u, z)
+        a = u * F.silu(z)
+        self.tap_act(a, 1.0 / self.nu_down)
+        return self.tap_out(self.down(a)[0])
 
 
 class Block(nn.Module):

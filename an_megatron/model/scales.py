@@ -1,4 +1,4 @@
-"""Learnable scales with nGPT's reparameterization, and anGPT's constant factors as modules.
+"""Learnable scales with nGPT's reparameterization, and taps for measuring norms.
 
 A scale ``s`` is stored as ``s_hat`` (initialised to ``s_scale``) and used as
 ``s = (s_init / s_scale) * s_hat``: every stored parameter then has a magnitude near its
@@ -33,31 +33,16 @@ class Scale(nn.Module):
         return f"size={self.s_hat.numel()}, multiplier={self.multiplier:.4g}"
 
 
-class Factor(nn.Module):
-    """Multiplication by a constant ``nu`` (anGPT). Can be folded into the next weight for
-    inference; kept explicit here so the code reads like the math."""
-
-    def __init__(self, value: float):
-        super().__init__()
-        self.value = float(value)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.value
-
-    def extra_repr(self) -> str:
-        return f"{self.value:.5g}"
-
-
-def factor(value: float, enabled: bool) -> nn.Module:
-    """``Factor(value)`` for anGPT, a no-op module for the architectures without factors."""
-    return Factor(value) if enabled else nn.Identity()
-
-
-class Tap(nn.Identity):
+class Tap(nn.Module):
     """A named point in the forward pass whose value tools can observe with a forward hook
-    (``tools/measure_norms.py``); an identity otherwise. ``tp_sharded``: the last dimension is
-    this rank's slice of a vector split over the tensor-parallel group."""
+    (``tools/measure_norms.py``). ``tap(x, scale)`` returns ``x`` unchanged; the observed
+    quantity is ``x * scale``, so a constant folded into a later operation costs nothing in
+    training and is still measured. ``tp_sharded``: the last dimension is this rank's slice of
+    a vector split over the tensor-parallel group."""
 
     def __init__(self, tp_sharded: bool = False):
         super().__init__()
         self.tp_sharded = tp_sharded
+
+    def forward(self, x: torch.Tensor, scale=1.0) -> torch.Tensor:
+        return x
