@@ -2,7 +2,9 @@
 
 Read top to bottom, this is ANGPT.md's forward pass. Where anGPT, nGPT and GPT+ differ, the
 block calls a component chosen by the architecture's ``ArchSpec`` (``arch.py``); anGPT's
-constant factors ``nu`` are ``Factor`` modules (no-ops in the other two). Tensors are
+constant factors ``nu`` (``factors.py``; 1 in the other two) are folded into neighbouring
+multiplications, as each class's docstring derives, and ``Tap`` points record the quantities
+of ANGPT.md for ``tools/measure_norms.py``. Tensors are
 ``(batch, seq, ...)``; under tensor parallelism a rank computes ``H / tp`` heads, ``f / tp``
 MLP units and ``V / tp`` logits, through megatron-core's parallel layers (``layers.py``).
 The model itself contains no process-group code.
