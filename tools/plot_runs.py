@@ -28,8 +28,10 @@ def plot(paths: list[str], labels: list[str], output: str, title: str | None = N
         its = [r["iteration"] for r in m["eval"]]
         losses = [r["val_loss"] for r in m["eval"]]
         tokens_per_it = (m["train"][0]["consumed_tokens"] / m["train"][0]["iteration"]) if m["train"] else 0
-        times = list(itertools.accumulate(r["step_time_s"] for r in m["train"]))
+        # each record's step_time_s is the mean over the iterations since the previous record
         train_its = [r["iteration"] for r in m["train"]]
+        times = list(itertools.accumulate(r["step_time_s"] * (it - prev) for r, it, prev
+                                          in zip(m["train"], train_its, [0] + train_its[:-1])))
         wall = [next((t for i, t in zip(train_its, times) if i >= it), times[-1] if times else 0) for it in its]
         axes[0].plot(its, losses, marker="o", ms=3, label=label)
         axes[1].plot([it * tokens_per_it / 1e6 for it in its], losses, marker="o", ms=3, label=label)
