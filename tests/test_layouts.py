@@ -5,7 +5,6 @@ single process with the same global batch (fp32, no clipping), so runs compare l
 the bound acting every step; this one checks what the training loop adds: data sharding across
 data-parallel ranks, gradient accumulation, loss averaging, pipeline batch feeding.)
 """
-import os
 
 import pytest
 

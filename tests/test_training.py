@@ -1,7 +1,6 @@
 """The training entry point end to end: resume, the README command, refused configurations."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -42,26 +42,21 @@ def global_norm(params, grads: bool, tp_group, pp_group=None, dp_group=None) -> 
     tensors are summed over the TP group, replicated ones taken from TP rank 0; then summed
     over pipeline stages; ZeRO-3 partitions (``ds_tensor``) are summed over data parallel."""
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    sharded, replicated, zero3 = 0.0, 0.0, 0.0
+    whole, dp_partitioned = torch.zeros(()), torch.zeros(())
     for p in params:
         t = p.grad if grads else getattr(p, "ds_tensor", p.data)
-        if t is None:
-            continue
-        sq = t.detach().float().pow(2).sum()
+        if t is None or (tp_rank != 0 and not is_tp_sharded(p)):
+            continue  # a replicated tensor counts once, on TP rank 0
+        sq = t.detach().float().pow(2).sum().cpu()
         if hasattr(p, "ds_tensor") and not grads:
-            zero3 = zero3 + sq
-        elif is_tp_sharded(p):
-            sharded = sharded + sq
-        elif tp_rank == 0:
-            replicated = replicated + sq
-    total = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in (sharded, replicated, zero3)])
-    device = next(iter(params)).device if params else "cpu"
-    total = total.to(device)
+            dp_partitioned += sq
+        else:
+            whole += sq
+    device = params[0].device if params else "cpu"
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        z = total[2:].clone()
-        dist.all_reduce(z, group=dp_group)
-        total[2:] = z
-    total = total.sum().reshape(1)
+        dp_partitioned = dp_partitioned.to(device)
+        dist.all_reduce(dp_partitioned, group=dp_group)
+    total = (whole + dp_partitioned.cpu()).reshape(1).to(device)
     for group in (tp_group, pp_group):
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(total, group=group)
