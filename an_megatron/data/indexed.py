@@ -180,6 +180,33 @@ def open_indexed_dataset(prefix: str, mmap: bool = True):
     return import_megatron_core().IndexedDataset(os.fspath(prefix), multimodal=False, mmap=mmap)
 
 
+def document_last_tokens(prefix: str, limit: int) -> numpy.ndarray:
+    """The last token of up to `limit` non-empty documents, spread evenly over the dataset.
+
+    Spread rather than the first `limit`, so a dataset merged from differently preprocessed parts
+    shows its mix. Reads only the index entries and tokens it needs; the dataset must be valid
+    (check_indexed_dataset).
+    """
+    reader = import_megatron_core()._IndexReader(os.fspath(prefix) + ".idx", multimodal=False)
+    try:
+        boundaries = reader.document_indices
+        num_documents = len(boundaries) - 1
+        picked = numpy.unique(numpy.linspace(0, num_documents - 1, min(num_documents, limit))
+                              .round().astype(numpy.int64))
+        first, end = boundaries[picked], boundaries[picked + 1]  # sequences [first, end)
+        last = end[end > first] - 1  # documents without sequences have no last token
+        lengths = reader.sequence_lengths[last].astype(numpy.int64)
+        last, lengths = last[lengths > 0], lengths[lengths > 0]
+        positions = reader.sequence_pointers[last] // numpy.dtype(reader.dtype).itemsize + lengths - 1
+        dtype = reader.dtype
+    finally:
+        del reader  # its arrays are views of a map that closes with it: copies were taken above
+    if len(positions) == 0:
+        return numpy.zeros(0, dtype=numpy.int64)
+    tokens = numpy.memmap(os.fspath(prefix) + ".bin", dtype=dtype, mode="r")
+    return numpy.asarray(tokens[positions], dtype=numpy.int64)
+
+
 def _map(path: str, dtype, offset: int, count: int) -> numpy.ndarray:
     if count == 0:
         return numpy.zeros(0, dtype=dtype)

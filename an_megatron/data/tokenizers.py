@@ -17,6 +17,10 @@ vocabulary sizes and end-of-document ids, so data preprocessed by Megatron-LM li
 Each has `vocab_size`, `eod`, `tokenize(text) -> list[int]`, `detokenize(ids) -> str` and
 `unique_identifiers` (megatron-core's datasets hash it into their cache file names). Tokenizers
 pickle by their constructor arguments, so DataLoader and preprocessing workers can rebuild them.
+
+For --eod-token (see eod.py) each also has `token_to_id(token)`, `id_to_token(id)` and
+`eod_candidates`: the ids another Megatron tokenizer path may have written as end of document
+for the same model (SentencePiece: <EOD> and the model's eos </s>).
 """
 from __future__ import annotations
 
@@ -73,6 +77,18 @@ class _Tokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod})"
 
+    def token_to_id(self, token: str):
+        """The id of a whole token (not its encoding), or None if there is no such token."""
+        return None
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(token_id)
+
+    @property
+    def eod_candidates(self) -> tuple:
+        """Ids that may end documents in data preprocessed for this model: eod first."""
+        return (self.eod,)
+
 
 class _SentencePieceModel(_Tokenizer):
     """Loading and encoding shared by the two SentencePiece types."""
@@ -94,6 +110,14 @@ class _SentencePieceModel(_Tokenizer):
     def tokenize_batch(self, texts: list) -> list:
         # One call into C++ for the whole batch: ~25% faster than a Python loop.
         return self._sp.encode(list(texts), num_threads=1)
+
+    def token_to_id(self, token: str):
+        piece_id = self._sp.piece_to_id(token)
+        return piece_id if self._sp.id_to_piece(piece_id) == token else None  # unknown -> <unk>
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() \
+            else str(token_id)
 
 
 class SentencePieceTokenizer(_SentencePieceModel):
@@ -123,6 +147,18 @@ class SentencePieceTokenizer(_SentencePieceModel):
     @property
     def eod(self) -> int:
         return self._special_ids["<EOD>"]
+
+    @property
+    def eod_candidates(self) -> tuple:
+        # Megatron-LM 0.16's default (non-legacy) SentencePiece path ends documents with </s>.
+        eos = self._sp.eos_id()
+        return (self.eod,) if eos < 0 or eos == self.eod else (self.eod, eos)
+
+    def token_to_id(self, token: str):
+        return self._special_ids.get(token, super().token_to_id(token))
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._appended.get(token_id) or super().id_to_token(token_id)
 
     def detokenize(self, ids) -> str:
         # Decode runs of model pieces; appended specials become their token text.
@@ -156,6 +192,12 @@ class GPTSentencePieceTokenizer(_SentencePieceModel):
     def eod(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def eod_candidates(self) -> tuple:
+        # Megatron's legacy SentencePieceTokenizer ends documents with <EOD>, if the model has it.
+        legacy = self.token_to_id("<EOD>")
+        return (self.eod,) if legacy is None or legacy == self.eod else (self.eod, legacy)
+
     def detokenize(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -177,6 +219,13 @@ class _HFTokenizersWrapper(_Tokenizer):
 
     def detokenize(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str):
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self._tok.id_to_token(token_id)
+        return str(token_id) if token is None else token
 
 
 class HuggingFaceTokenizer(_HFTokenizersWrapper):
@@ -269,6 +318,34 @@ class NullTokenizer(_Tokenizer):
 
     def detokenize(self, ids) -> str:
         return " ".join(str(int(i)) for i in ids)
+
+
+class TokenizerWithEod:
+    """`tokenizer` with another end-of-document id (resolve_eod's); all else is delegated.
+
+    megatron-core's GPTDataset reads `tokenizer.eod` for its document masks. unique_identifiers
+    is delegated unchanged: eod only affects the masks computed per sample, not the
+    document/sample/shuffle indices, so the cached indices stay valid.
+    """
+
+    def __init__(self, tokenizer, eod: int) -> None:
+        self.tokenizer = tokenizer
+        self._eod = int(eod)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def __getattr__(self, name):  # only called for attributes not found on the wrapper
+        if name == "tokenizer":  # not yet set (never while constructed normally)
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __reduce__(self):
+        return (type(self), (self.tokenizer, self._eod))
+
+    def __repr__(self) -> str:
+        return f"TokenizerWithEod({self.tokenizer!r}, eod={self._eod})"
 
 
 def _require_file(flag: str, path) -> str:
