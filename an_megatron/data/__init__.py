@@ -4,6 +4,7 @@ Importing this package does not import megatron-core (slow); the functions that 
 """
 from an_megatron.data.arguments import add_data_args
 from an_megatron.data.datasets import build_train_valid_test_datasets, parse_data_path
+from an_megatron.data.eod import resolve_eod
 from an_megatron.data.errors import DataError, IndexedDatasetError
 from an_megatron.data.indexed import (
     CompactIndexedDatasetBuilder,
@@ -18,6 +19,7 @@ __all__ = [
     "add_data_args",
     "build_train_valid_test_datasets",
     "parse_data_path",
+    "resolve_eod",
     "DataError",
     "IndexedDatasetError",
     "CompactIndexedDatasetBuilder",

@@ -27,6 +27,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="stop attention across end-of-document tokens")
     group.add_argument("--eod-mask-loss", action="store_true",
                        help="do not train on predicting the end-of-document token")
+    group.add_argument("--eod-token", default="auto", metavar="auto|TOKEN|ID",
+                       help="the token that ends documents in the data (used by the three "
+                            "flags above). auto (default): read from each --data-path prefix, "
+                            "choosing between the tokenizer's end of document and the one "
+                            "Megatron-LM's other SentencePiece path writes (<EOD> legacy, </s> "
+                            "default). A token (e.g. </s>) or an integer id: used as given")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", default=None,

@@ -16,8 +16,10 @@ import numpy
 
 from megatron_patches.blended_dataset_rank import single_process_rank_zero
 
+from an_megatron.data.eod import _resolve as _resolve_eod
 from an_megatron.data.errors import DataError
 from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
+from an_megatron.data.tokenizers import TokenizerWithEod
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
@@ -51,7 +53,8 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
     """(train, valid, test) datasets; each is a GPTDataset, a BlendedDataset or None.
 
     Reads args.data_path, split, data_cache_path, mock_data, reset_position_ids,
-    reset_attention_mask, eod_mask_loss (from add_data_args) and args.seq_length, args.seed.
+    reset_attention_mask, eod_mask_loss, eod_token (from add_data_args) and args.seq_length,
+    args.seed. The end-of-document id is resolve_eod(args, tokenizer)'s.
     `train_valid_test_num_samples` are the samples each split must provide (None: one epoch).
     `is_built_on_rank` (default: every rank) lets ranks that need no data skip building.
     Samples are dicts: 'tokens' and 'labels' (seq_length ids each: the labels are the tokens
@@ -72,6 +75,9 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
                     f"the tokenizer's vocab size {tokenizer.vocab_size}: was it preprocessed with "
                     f"another tokenizer?")
         blend, dataset_class = (prefixes, weights), gpt.GPTDataset
+    eod = _resolve_eod(args, tokenizer, validate=False)  # the prefixes were just checked
+    if eod != tokenizer.eod:
+        tokenizer = TokenizerWithEod(tokenizer, eod)  # GPTDataset reads tokenizer.eod
     sizes = list(train_valid_test_num_samples)
     if len(sizes) != 3:
         raise DataError(f"train_valid_test_num_samples needs 3 entries, got {sizes}")
