@@ -7,8 +7,9 @@ import re
 import pytest
 import torch
 
-from an_megatron.data import (DataError, add_data_args, build_tokenizer,
-                              build_train_valid_test_datasets, resolve_eod)
+from an_megatron.data import (CompactIndexedDatasetBuilder, DataError, add_data_args,
+                              build_tokenizer, build_train_valid_test_datasets,
+                              check_indexed_dataset, resolve_eod)
 from an_megatron.data import eod as eod_module
 from an_megatron.data.indexed import document_last_tokens
 from an_megatron.data.preprocess import preprocess
@@ -146,11 +147,10 @@ def test_documents_without_eod(corpora, capsys):
 
 def test_mostly_ending_with_eod_warns(corpora, tmp_path, capsys):
     """A prefix merged from a --append-eod part and a small part without it."""
-    from an_megatron.data import CompactIndexedDatasetBuilder
-
     _, model, prefixes = corpora
     tokenizer = build_tokenizer(make_args(model, []))
-    builder = CompactIndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=document_dtype(prefixes))
+    builder = CompactIndexedDatasetBuilder(str(tmp_path / "m.bin"),
+                                           dtype=check_indexed_dataset(prefixes["eos"]).dtype)
     for _ in range(19):
         builder.add_index(prefixes["eos"])
     builder.add_index(prefixes["none"])
@@ -160,12 +160,6 @@ def test_mostly_ending_with_eod_warns(corpora, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "do not end with </s> (id 2): they run into the next" in out
     assert "using </s> as end of document" in out
-
-
-def document_dtype(prefixes):
-    from an_megatron.data import check_indexed_dataset
-
-    return check_indexed_dataset(prefixes["eos"]).dtype
 
 
 def test_eod_token_flag_and_wrapper():

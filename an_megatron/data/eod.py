@@ -102,9 +102,10 @@ def _detect(prefixes, tokenizer, candidates, flags, validate: bool) -> int:
         # Without them a corpus of concatenated documents is legitimate: warn only.
         # --eod-token skips this check for whoever really wants it.
         if flags:
+            names = ", ".join("--" + flag.replace("_", "-") for flag in flags)
             raise DataError(f"{prefix}: documents do not end with an end-of-document token "
-                            f"({what}), so {', '.join('--' + f.replace('_', '-') for f in flags)} cannot "
-                            f"separate them: preprocess with --append-eod")
+                            f"({what}), so {names} cannot separate them: preprocess with "
+                            f"--append-eod")
         _print_rank0(f"warning: {prefix}: documents do not end with an end-of-document token "
                      f"({what}): they run into each other (preprocessed without --append-eod?)")
     if not found:
