@@ -3,6 +3,7 @@
 
     python benchmarks/step_time.py                 # d=512, 4 layers, 8 heads, T=256, batch 8
     python benchmarks/step_time.py --profile angpt # where anGPT's time goes (torch.profiler)
+    python benchmarks/step_time.py --compare-nu-att # anGPT under each --nu-att option, and GPT+
 
 Interleaving (one step of each architecture per round) exposes all three to the same machine
 state, so the ratios are fair even when absolute times drift. Prints a markdown table.
@@ -17,6 +18,7 @@ import time
 import torch
 
 from an_megatron.model import ARCHS, GPTModel, ModelConfig
+from an_megatron.model.factors import NU_ATT_OPTIONS
 from an_megatron.parallel import destroy_parallel, initialize_parallel
 
 
@@ -30,7 +32,9 @@ def main():
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--nu-att", default="dense")
+    p.add_argument("--nu-att", default="exact")
+    p.add_argument("--compare-nu-att", action="store_true",
+                   help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures")
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
     args = p.parse_args()
 
@@ -38,7 +42,11 @@ def main():
     torch.manual_seed(0)
     shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                  vocab_size=args.vocab_size, seq_length=args.seq_length)
-    models = {a: GPTModel(ModelConfig(arch=a, nu_att=args.nu_att, **shape)) for a in ARCHS}
+    if args.compare_nu_att:
+        variants = {"gptplus": ("gptplus", args.nu_att), **{f"angpt nu_att={o}": ("angpt", o) for o in NU_ATT_OPTIONS}}
+    else:
+        variants = {a: (a, args.nu_att) for a in ARCHS}
+    models = {name: GPTModel(ModelConfig(arch=a, nu_att=o, **shape)) for name, (a, o) in variants.items()}
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_length + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
@@ -60,9 +68,9 @@ def main():
         destroy_parallel()
         return
 
-    times = {a: [] for a in ARCHS}
+    times = {a: [] for a in models}
     for i in range(args.warmup + args.steps):
-        for a in ARCHS:
+        for a in models:
             t = step(models[a])
             if i >= args.warmup:
                 times[a].append(t)
@@ -75,8 +83,9 @@ def main():
     print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
     print("| --- | --- | --- | --- | --- |")
     paper = {"gptplus": "1", "ngpt": "1.096", "angpt": "1.0275"}
-    for a in ("gptplus", "ngpt", "angpt"):
-        print(f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | {paper[a]} |")
+    for a in models:
+        print(f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | "
+              f"{paper.get(a, '')} |")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_nu_att_dense_on_uniform_attention():
     v = unit(N // 16, T, dh)
     a = torch.tril(torch.ones(T, T, dtype=torch.float64))
     a = a / a.sum(-1, keepdim=True)  # uniform over the visible positions
-    o = (a @ v) * nu_att_dense(T, torch.float64)[:, None]
+    o = (a @ v) * nu_att_dense(torch.arange(1, T + 1, dtype=torch.float64))[:, None]
     assert mean_norm(o) == pytest.approx(1.0, rel=0.02)
 
 

@@ -31,7 +31,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
     g.add_argument("--seq-length", type=int, default=256)
     g.add_argument("--rotary-base", type=float, default=10000.0)
-    g.add_argument("--nu-att", choices=NU_ATT_OPTIONS, default="dense", help="anGPT's factor after attention")
+    g.add_argument("--nu-att", choices=NU_ATT_OPTIONS, default="gaussian",
+                   help="anGPT's factor after attention: gaussian (predicted from s_qk's logit variance; default), "
+                        "exact (sum of squared attention weights, from the kernels' log-sum-exp; one extra "
+                        "forward-only attention pass), dense (sqrt(t), the paper's uniform-attention assumption), none")
     g.add_argument("--alpha-init", type=float, default=None, help="s_init of alpha_A and alpha_M (default 0.05)")
     g.add_argument("--alpha-scalar", action="store_true", help="one alpha per block instead of a vector")
     g.add_argument("--no-nu-lerp", action="store_true", help="ablation: drop anGPT's residual factor")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from an_megatron.model.config import ModelConfig
-from an_megatron.model.factors import nu_lerp
+from an_megatron.model.factors import logit_variance, nu_lerp
 from an_megatron.model.scales import Scale
 
 
@@ -74,6 +74,10 @@ class ScaledUnitQK(nn.Module):
     def forward(self, q, k):  # (b, s, heads, d_h)
         s = self.s_qk().view(-1, self.head_dim)
         return F.normalize(q, dim=-1) * s, F.normalize(k, dim=-1) * s
+
+    def logit_variance(self, softmax_scale: float) -> torch.Tensor:
+        """Per head (this rank's heads): what ``s_qk`` implies for the logits' variance."""
+        return logit_variance(self.s_qk().view(-1, self.head_dim), softmax_scale)
 
 
 def _alpha(config: ModelConfig) -> Scale:

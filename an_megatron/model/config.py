@@ -31,7 +31,7 @@ class ModelConfig:
     seq_length: int = 256
     rope_theta: float = 10000.0
     # anGPT's open choices (ANGPT.md, "Open choices"); defaults backed by benchmarks/RESULTS.md.
-    nu_att: str = "dense"
+    nu_att: str = "gaussian"
     use_nu_lerp: bool = True  # ablation switch: without it the paper reports instability
     alpha_per_dim: bool = True  # alpha as a vector in R^d (nGPT) or one scalar per block
     # Learnable scales: {name: (s_init, s_scale)}; unspecified names use DEFAULT_SCALES.

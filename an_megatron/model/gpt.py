@@ -20,46 +20,38 @@ from torch import nn
 
 from an_megatron.model.arch import ARCH_SPECS, ArchSpec
 from an_megatron.model.config import ModelConfig
-from an_megatron.model.factors import nu_act, nu_att_dense, nu_att_exact, nu_linear
+from an_megatron.model.attention import attention, attention_with_exact_nu_att, document_bias, visible_keys
+from an_megatron.model.factors import nu_act, nu_att_dense, nu_att_gaussian, nu_linear
 from an_megatron.model.layers import column_parallel, row_parallel, vocab_embedding
 from an_megatron.model.scales import Tap
 
 
 @lru_cache(maxsize=8)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+
+
+@lru_cache(maxsize=8)
 def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device):
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)[:, None, :]  # (s, 1, d_h): broadcast over heads
+    return _rope_cos_sin(torch.arange(seq_len, dtype=torch.float32, device=device), head_dim, theta)
+
+
+def _rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    angles = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # (..., s, 1, d_h): broadcast over heads
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding on ``(b, s, heads, d_h)`` (rotate-half convention). A rotation:
-    it keeps each head's norm."""
-    cos, sin = _rope_tables(x.shape[1], x.shape[-1], theta, x.device)
+def apply_rope(x: torch.Tensor, theta: float, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary position embedding on ``(b, s, heads, d_h)`` (rotate-half convention), at positions
+    ``0..s-1`` or at ``position_ids`` ``(b, s)`` (which restart at each document with
+    ``--reset-position-ids``). A rotation: it keeps each head's norm."""
+    if position_ids is None:
+        cos, sin = _rope_tables(x.shape[1], x.shape[-1], theta, x.device)
+    else:
+        cos, sin = _rope_cos_sin(position_ids, x.shape[-1], theta)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
-
-
-def causal_attention(q, k, v, softmax_scale: float, exact_nu_att: bool) -> torch.Tensor:
-    """Per-head causal softmax attention on ``(b, s, heads, d_h)``.
-
-    Through ``scaled_dot_product_attention``, unless ``exact_nu_att``: the exact factor needs
-    ``sum_j a_tj^2`` per query, which SDPA does not expose, so that path computes the logits
-    explicitly and multiplies each head's output by ``nu_att_exact`` from two log-sum-exps,
-    as a constant in backward.
-    """
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d_h)
-    if exact_nu_att:
-        T = q.shape[2]
-        logits = (q @ k.transpose(-1, -2)) * softmax_scale
-        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        o = torch.exp(logits - lse) @ v
-        o = o * nu_att_exact(lse, torch.logsumexp(2 * logits, dim=-1, keepdim=True)).detach()
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
-    return o.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -69,7 +61,11 @@ class Attention(nn.Module):
     on q and k is undone by the exact QK-norm that follows, and on v it is a constant through
     the (linear) attention average and ``W_o``, as are ``nu_o`` and the dense ``nu_att(t)``
     (the same for every head); so all of them become one per-position factor on the output.
+    The exact ``nu_att`` differs per head and multiplies the heads before ``W_o``.
     The taps record the quantities of ANGPT.md with their factors (for measure_norms).
+
+    ``document_ids`` ``(b, s)``: a query sees only keys of its own document (and ``t``, the
+    number of keys it sees, restarts there); ``position_ids`` ``(b, s)``: RoPE's positions.
     """
 
     def __init__(self, config: ModelConfig, spec: ArchSpec, layer: int):
@@ -87,19 +83,35 @@ class Attention(nn.Module):
         self.nu_o = nu_linear(dh, d) if spec.factors else 1.0
         self.tap_q, self.tap_k, self.tap_v, self.tap_heads, self.tap_out = Tap(), Tap(), Tap(), Tap(), Tap()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, position_ids=None, document_ids=None) -> torch.Tensor:
         b, s, _ = h.shape
         q, k, v = self.qkv(h)[0].view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
         self.tap_q(q, self.nu_qkv), self.tap_k(k, self.nu_qkv), self.tap_v(v, self.nu_qkv)
-        q, k = self.qk_norm(apply_rope(q, self.rope_theta), apply_rope(k, self.rope_theta))
-        o = causal_attention(q, k, v, self.softmax_scale, exact_nu_att=self.nu_att == "exact")
-        if not self.factors:
-            self.tap_heads(o)
-            return self.tap_out(self.proj(o.reshape(b, s, -1))[0])
-        # nu_att(t) per position when dense (1 otherwise: exact is already in o)
-        per_position = nu_att_dense(s, o.dtype, o.device) if self.nu_att == "dense" else o.new_ones(s)
-        self.tap_heads(o, self.nu_qkv * per_position[:, None, None])
-        return self.tap_out(self.proj(o.reshape(b, s, -1))[0] * (self.nu_qkv * self.nu_o * per_position[:, None]))
+        q, k = self.qk_norm(apply_rope(q, self.rope_theta, position_ids), apply_rope(k, self.rope_theta, position_ids))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d_h) for the kernels
+        bias = None if document_ids is None else document_bias(document_ids, q.dtype)
+        if self.nu_att == "exact":
+            o, nu = attention_with_exact_nu_att(q, k, v, self.softmax_scale, bias)
+            nu = nu.transpose(1, 2)  # (b, s, heads, 1)
+        else:
+            o = attention(q, k, v, self.softmax_scale, bias)
+            nu = self._nu_att(document_ids, s, o.device)
+        o = o.transpose(1, 2)  # (b, s, heads, d_h)
+        self.tap_heads(o, self.nu_qkv * nu)
+        if self.factors:  # nu_att with the constants (linear through the average and W_o): one pass
+            o = o * (self.nu_qkv * self.nu_o * nu)
+        return self.tap_out(self.proj(o.reshape(b, s, -1))[0])
+
+    def _nu_att(self, document_ids, s: int, device):
+        """The predicted ``nu_att`` per query (and head), broadcastable to ``(b, s, heads, 1)``."""
+        if self.nu_att == "none":
+            return 1.0
+        t = visible_keys(document_ids, s, device)  # (s,) or (b, s)
+        if self.nu_att == "dense":
+            return nu_att_dense(t.float())[..., None, None]
+        # gaussian: a constant in backward, like every factor (no gradient into s_qk through it)
+        with torch.no_grad():
+            return nu_att_gaussian(t, self.qk_norm.logit_variance(self.softmax_scale).float())[..., None]
 
 
 class MLP(nn.Module):
@@ -141,8 +153,9 @@ class Block(nn.Module):
         self.mlp_residual = spec.residual(config)
         self.tap_h_attention, self.tap_h_mlp = Tap(), Tap()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.tap_h_attention(self.attention_residual(h, self.attention(self.attention_norm(h))))
+    def forward(self, h: torch.Tensor, position_ids=None, document_ids=None) -> torch.Tensor:
+        x_a = self.attention(self.attention_norm(h), position_ids, document_ids)
+        h = self.tap_h_attention(self.attention_residual(h, x_a))
         return self.tap_h_mlp(self.mlp_residual(h, self.mlp(self.mlp_norm(h))))
 
 
@@ -193,14 +206,17 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, spec, i) for i in range(config.num_layers))
         self.head = Head(config, spec)
 
-    def forward(self, tokens: torch.Tensor, labels=None, loss_mask=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels=None, loss_mask=None, position_ids=None,
+                document_ids=None) -> torch.Tensor:
         """Vocab-parallel logits ``(b, s, V / tp)`` for token ids ``(b, s)``; with ``labels``,
-        the mean loss instead (so a DeepSpeed engine's forward returns the loss)."""
+        the mean loss instead (so a DeepSpeed engine's forward returns the loss).
+        ``document_ids`` ``(b, s)`` keep attention inside each packed document;
+        ``position_ids`` ``(b, s)`` are RoPE's positions (default ``0..s-1``)."""
         h = self.embedding(tokens)
         for block in self.layers:
-            h = block(h)
+            h = block(h, position_ids, document_ids)
         logits = self.head(h)
         return logits if labels is None else lm_loss(logits, labels, loss_mask)
 
-    def loss(self, tokens, labels, loss_mask=None) -> torch.Tensor:
-        return self(tokens, labels, loss_mask)
+    def loss(self, tokens, labels, loss_mask=None, position_ids=None, document_ids=None) -> torch.Tensor:
+        return self(tokens, labels, loss_mask, position_ids, document_ids)
