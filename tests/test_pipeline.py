@@ -15,15 +15,27 @@ SHAPE = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256
 MICRO_BATCH_SIZE, MICRO_BATCHES, STEPS = 2, 2, 5
 
 
-def _micro_batches():
+def _micro_batches(documents=False):
     """GPTDataset-style dicts, ``STEPS * MICRO_BATCHES`` of them, with some tokens masked out
-    (so a pipeline that dropped the loss mask would give other losses)."""
+    (so a pipeline that dropped the loss mask would give other losses). With ``documents``,
+    each sequence packs documents (token 0 ends one) and carries the document ids and the
+    positions restarting at each, as training makes them with --reset-attention-mask and
+    --reset-position-ids."""
+    from an_megatron.data import document_ids
+
     gen = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(STEPS * MICRO_BATCHES):
-        tokens = torch.randint(0, SHAPE["vocab_size"], (MICRO_BATCH_SIZE, SHAPE["seq_length"] + 1), generator=gen)
+        tokens = torch.randint(1, SHAPE["vocab_size"], (MICRO_BATCH_SIZE, SHAPE["seq_length"] + 1), generator=gen)
         loss_mask = (torch.rand(MICRO_BATCH_SIZE, SHAPE["seq_length"], generator=gen) > 0.3).float()
-        batches.append(dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=loss_mask))
+        batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=loss_mask)
+        if documents:
+            batch["tokens"][torch.rand(batch["tokens"].shape, generator=gen) < 0.15] = 0  # EOD
+            docs = document_ids(batch["tokens"], 0)
+            starts = torch.arange(docs.shape[1]).expand_as(docs).masked_fill(
+                torch.cat([torch.zeros_like(docs[:, :1]), docs[:, 1:] != docs[:, :-1]], 1) == 0, 0).cummax(1).values
+            batch.update(document_ids=docs, position_ids=torch.arange(docs.shape[1]) - starts)
+        batches.append(batch)
     return batches
 
 
@@ -40,11 +52,11 @@ def _adam(params):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_result(arch):
-    return run_distributed(_reference, 1, arch)[0]
+def _reference_result(arch, documents=False):
+    return run_distributed(_reference, 1, arch, documents)[0]
 
 
-def _reference(arch):
+def _reference(arch, documents=False):
     """One process, GPTModel: each step averages the micro-batch losses, as the engine does."""
     from an_megatron.model import GPTModel, ModelConfig
     from an_megatron.optim import constrain_parameters_
@@ -55,13 +67,14 @@ def _reference(arch):
     model = GPTModel(ModelConfig(arch=arch, **SHAPE))
     _push_past_bound_(model)
     opt = _adam(model.parameters())
-    batches, losses = iter(_micro_batches()), []
+    batches, losses = iter(_micro_batches(documents)), []
     for _ in range(STEPS):
         opt.zero_grad()
         step_loss = 0.0
         for _ in range(MICRO_BATCHES):
             b = next(batches)
-            loss = model.loss(b["tokens"], b["labels"], b["loss_mask"]) / MICRO_BATCHES
+            loss = model.loss(b["tokens"], b["labels"], b["loss_mask"], b.get("position_ids"),
+                              b.get("document_ids")) / MICRO_BATCHES
             loss.backward()
             step_loss += loss.detach()
         opt.step()
@@ -70,7 +83,7 @@ def _reference(arch):
     return dict(losses=torch.stack(losses), weights=full_named_tensors(model, tp_group()))
 
 
-def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0):
+def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0, documents=False):
     """``train_batch`` on this rank's stage; returns the losses, this stage's weights under
     GPTModel's names (full tensors), and which layers this stage built."""
     import deepspeed
@@ -93,7 +106,7 @@ def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0):
     }
     engine, *_ = deepspeed.initialize(model=module, optimizer=_adam(module.parameters()), config=ds_config)
     engine.set_batch_fn(pipeline_batch)
-    batches = iter(_micro_batches())
+    batches = iter(_micro_batches(documents))
     losses = []
     for _ in range(STEPS):
         losses.append(engine.train_batch(batches).detach().clone())
@@ -126,10 +139,10 @@ def _assert_stages_hold_embedding_first_head_last_blocks_even(ranks, pp):
     tp = len(ranks) // pp
     stages = [ranks[s * tp]["stage_layers"] for s in range(pp)]
     L = SHAPE["num_layers"]
-    assert stages[0][0] == (0, "Embedding")
-    assert stages[-1][-1] == (L + 1, "Head")
+    assert stages[0][0] == (0, "PipelineEmbedding")
+    assert stages[-1][-1] == (L + 1, "PipelineHead")
     assert [i for stage in stages for i, _ in stage] == list(range(L + 2))  # each layer once, in order
-    blocks = [sum(t == "Block" for _, t in stage) for stage in stages]
+    blocks = [sum(t == "PipelineBlock" for _, t in stage) for stage in stages]
     assert sum(blocks) == L and max(blocks) - min(blocks) <= 1, blocks
 
 
@@ -155,6 +168,15 @@ def test_pp2_gptplus_with_activation_checkpointing_matches_single_process():
     """Also recomputes each block in backward (activation checkpointing): same numbers."""
     ref = _reference_result("gptplus")
     got = run_distributed(_pipeline, 2, "gptplus", 1, 2, None, 1)
+    _assert_matches_reference(got, ref)
+
+
+@pytest.mark.timeout(180)
+def test_pp2_document_masking_with_activation_checkpointing_matches_single_process():
+    """Packed documents: document and position ids travel with the hidden states between
+    stages (and through recomputed blocks); same numbers as one process."""
+    ref = _reference_result("angpt", True)
+    got = run_distributed(_pipeline, 2, "angpt", 1, 2, None, 1, True)
     _assert_matches_reference(got, ref)
 
 

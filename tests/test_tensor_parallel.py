@@ -8,7 +8,7 @@ ARCHS = ["angpt", "ngpt", "gptplus"]
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
 
 
-def _train(arch, tp, nu_att="dense"):
+def _train(arch, tp, nu_att="gaussian", documents=False):
     from an_megatron.model import GPTModel, ModelConfig
     from an_megatron.optim import constrain_parameters_
     from an_megatron.parallel import initialize_parallel, tp_group
@@ -20,9 +20,15 @@ def _train(arch, tp, nu_att="dense"):
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, SHAPE["vocab_size"], (3, SHAPE["seq_length"] + 1), generator=gen)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    masking = {}
+    if documents:  # packed documents: attention stays inside each, positions restart
+        from an_megatron.model.attention import visible_keys
 
-    logits = gather_tp_tensor(model(inputs), -1, 1, tp_group())
-    loss = model.loss(inputs, labels)
+        docs = torch.randint(0, 2, inputs.shape, generator=gen).cumsum(1) // 4
+        masking = dict(document_ids=docs, position_ids=visible_keys(docs, docs.shape[1], docs.device) - 1)
+
+    logits = gather_tp_tensor(model(inputs, **masking), -1, 1, tp_group())
+    loss = model.loss(inputs, labels, **masking)
     loss.backward()
     out = dict(logits=logits, loss=loss.detach(), grads=full_named_tensors(model, tp_group(), grads=True))
 
@@ -38,7 +44,7 @@ def _train(arch, tp, nu_att="dense"):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
     for _ in range(3):
         opt.zero_grad()
-        model.loss(inputs, labels).backward()
+        model.loss(inputs, labels, **masking).backward()
         opt.step()
         constrain_parameters_(model.parameters())
     out["weights"] = full_named_tensors(model, tp_group())
@@ -69,9 +75,10 @@ def test_tp2_matches_tp1(arch):
 
 
 @pytest.mark.timeout(300)
-def test_tp2_matches_tp1_exact_nu_att():
-    (ref,) = run_distributed(_train, 1, "angpt", 1, "exact")
-    got = run_distributed(_train, 2, "angpt", 2, "exact")
+@pytest.mark.parametrize("nu_att", ["exact", "dense"])
+def test_tp2_matches_tp1_document_masking(nu_att):
+    (ref,) = run_distributed(_train, 1, "angpt", 1, nu_att, True)
+    got = run_distributed(_train, 2, "angpt", 2, nu_att, True)
     _assert_close(got[0]["loss"], ref["loss"], "loss")
     for name in ref["weights"]:
         _assert_close(got[1]["weights"][name], ref["weights"][name], f"weight {name}")

@@ -3,7 +3,7 @@
 Importing this package does not import megatron-core (slow); the functions that need it do.
 """
 from an_megatron.data.arguments import add_data_args
-from an_megatron.data.datasets import build_train_valid_test_datasets, parse_data_path
+from an_megatron.data.datasets import build_train_valid_test_datasets, document_ids, parse_data_path
 from an_megatron.data.eod import resolve_eod
 from an_megatron.data.errors import DataError, IndexedDatasetError
 from an_megatron.data.indexed import (
@@ -18,6 +18,7 @@ from an_megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer, pad_vo
 __all__ = [
     "add_data_args",
     "build_train_valid_test_datasets",
+    "document_ids",
     "parse_data_path",
     "resolve_eod",
     "DataError",

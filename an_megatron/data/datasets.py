@@ -48,6 +48,17 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     return list(data_path[1::2]), blend_weights
 
 
+def document_ids(tokens: "torch.Tensor", eod: int) -> "torch.Tensor":
+    """Which packed document each position belongs to, ``(b, s)``, numbered from 0 per sample.
+
+    As in Megatron's ``--reset-attention-mask``, an end-of-document token belongs to the
+    document it ends and the next position starts a new one. O(s) per sample, where Megatron's
+    datasets build an ``s x s`` mask.
+    """
+    is_eod = tokens == eod
+    return is_eod.cumsum(-1) - is_eod.long()
+
+
 def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_samples,
                                     is_built_on_rank=None):
     """(train, valid, test) datasets; each is a GPTDataset, a BlendedDataset or None.
@@ -58,8 +69,8 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
     `train_valid_test_num_samples` are the samples each split must provide (None: one epoch).
     `is_built_on_rank` (default: every rank) lets ranks that need no data skip building.
     Samples are dicts: 'tokens' and 'labels' (seq_length ids each: the labels are the tokens
-    shifted by one), 'loss_mask', 'position_ids' and, with --reset-attention-mask,
-    'attention_mask'.
+    shifted by one), 'loss_mask' and 'position_ids' (restarting at each document with
+    --reset-position-ids). Document masks come from ``document_ids(tokens, eod)``.
     """
     gpt = import_megatron_core("megatron.core.datasets.gpt_dataset")
     builder_module = import_megatron_core("megatron.core.datasets.blended_megatron_dataset_builder")
@@ -81,7 +92,6 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
     sizes = list(train_valid_test_num_samples)
     if len(sizes) != 3:
         raise DataError(f"train_valid_test_num_samples needs 3 entries, got {sizes}")
-    reset_attention_mask = bool(getattr(args, "reset_attention_mask", False))
     config = gpt.GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -90,11 +100,11 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
         path_to_cache=getattr(args, "data_cache_path", None),
         tokenizer=tokenizer,
         reset_position_ids=bool(getattr(args, "reset_position_ids", False)),
-        reset_attention_mask=reset_attention_mask,
+        reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)),
         eod_mask_loss=bool(getattr(args, "eod_mask_loss", False)),
-        # The model builds its causal mask; a [1, s, s] mask per sample is only needed to stop
-        # attention at document ends.
-        create_attention_mask=reset_attention_mask,
+        # The model builds its masks from document ids (see document_ids below): no [1, s, s]
+        # mask per sample is made or loaded.
+        create_attention_mask=False,
     )
     builder = builder_module.BlendedMegatronDatasetBuilder(
         dataset_class, sizes, is_built_on_rank or (lambda: True), config)

@@ -44,13 +44,37 @@ from an_megatron.parallel.groups import deepspeed_topology
 PARTITION_METHOD = "type:Block"
 
 
+class PipelineEmbedding(Embedding):
+    """The first layer. Its input is the token ids, or ``(tokens, position_ids, document_ids)``
+    with document masking; the ids travel with the hidden states to every block."""
+
+    def forward(self, inputs):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        tokens, position_ids, document_ids = inputs
+        return super().forward(tokens), position_ids, document_ids
+
+
+class PipelineBlock(Block):
+    def forward(self, inputs):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        h, position_ids, document_ids = inputs
+        return super().forward(h, position_ids, document_ids), position_ids, document_ids
+
+
+class PipelineHead(Head):
+    def forward(self, inputs):
+        return super().forward(inputs if torch.is_tensor(inputs) else inputs[0])
+
+
 def layer_specs(config: ModelConfig) -> list[LayerSpec]:
     """The model as pipeline layers: index 0 the embedding, 1..L the blocks, L+1 the head."""
     spec = ARCH_SPECS[config.arch]
     return (
-        [LayerSpec(Embedding, config)]
-        + [LayerSpec(Block, config, spec, i) for i in range(config.num_layers)]
-        + [LayerSpec(Head, config, spec)]
+        [LayerSpec(PipelineEmbedding, config)]
+        + [LayerSpec(PipelineBlock, config, spec, i) for i in range(config.num_layers)]
+        + [LayerSpec(PipelineHead, config, spec)]
     )
 
 
@@ -61,10 +85,21 @@ def pipeline_loss(logits: torch.Tensor, labels_and_mask: tuple[torch.Tensor, tor
     return lm_loss(logits, labels, loss_mask)
 
 
-def pipeline_batch(batch: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """A GPTDataset batch dict as the engine wants it: ``(inputs, labels)``. The first stage
-    reads ``tokens``; the last stage reads ``labels`` and ``loss_mask``, carried together."""
-    return batch["tokens"], (batch["labels"], batch["loss_mask"])
+def pipeline_batch(batch: dict):
+    """A batch dict as the engine wants it: ``(inputs, (labels, loss_mask))``. The first stage
+    reads the inputs: ``tokens``, or with ``position_ids`` / ``document_ids`` in the batch
+    (document masking) ``(tokens, position_ids, document_ids)``, the missing one filled with
+    its neutral value (positions ``0..s-1``; one document). The last stage reads the labels."""
+    tokens = batch["tokens"]
+    if "position_ids" in batch or "document_ids" in batch:
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        document_ids = batch.get("document_ids")
+        inputs = (tokens, position_ids, torch.zeros_like(tokens) if document_ids is None else document_ids)
+    else:
+        inputs = tokens
+    return inputs, (batch["labels"], batch["loss_mask"])
 
 
 def build_pipeline_module(
@@ -92,7 +127,7 @@ def build_pipeline_module(
         activation_checkpoint_interval=activation_checkpoint_interval,
         # Recompute blocks only: DeepSpeed's default would also checkpoint the embedding, whose
         # integer input cannot carry the gradient through reentrant checkpointing.
-        checkpointable_layers=["Block"],
+        checkpointable_layers=["PipelineBlock"],
     )
 
 

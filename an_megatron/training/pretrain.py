@@ -84,13 +84,14 @@ class Trainer:
 
     # ---- data ------------------------------------------------------------------------------
     def _build_data(self):
-        from an_megatron.data import build_data_loader, build_train_valid_test_datasets
+        from an_megatron.data import build_data_loader, build_train_valid_test_datasets, resolve_eod
 
         a = self.args
         evals = a.train_iters // a.eval_interval + 1 if a.eval_interval else 0
         num_samples = [a.train_iters * a.global_batch_size, evals * a.eval_iters * a.global_batch_size,
                        a.eval_iters * a.global_batch_size]
         train, valid, _ = build_train_valid_test_datasets(a, self.tokenizer, num_samples)
+        self.eod = resolve_eod(a, self.tokenizer)  # the corpus's own end of document (documents masks)
         dp_rank, dp = groups.dp_rank(), groups.dp_size()
         self.train_loader = build_data_loader(train, self.consumed_samples, a.micro_batch_size, dp_rank, dp,
                                               a.num_workers)
@@ -99,7 +100,22 @@ class Trainer:
         self.valid_consumed = 0
 
     def _to_device(self, batch):
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """The model's inputs on this rank's device: ``tokens``, ``labels``, ``loss_mask``, and
+        ``position_ids`` / ``document_ids`` with --reset-position-ids / --reset-attention-mask."""
+        from an_megatron.data import document_ids
+
+        a = self.args
+        batch = {k: batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if a.reset_attention_mask:
+            batch["document_ids"] = document_ids(batch["tokens"], self.eod)
+        if not a.reset_position_ids:
+            del batch["position_ids"]  # 0..s-1: the model's cached RoPE tables
+        return batch
+
+    def _forward(self, batch) -> torch.Tensor:
+        with fp8_autocast(self.config):
+            return self.engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids"),
+                               batch.get("document_ids"))
 
     # ---- one step --------------------------------------------------------------------------
     def _set_lr(self, iteration):
@@ -127,9 +143,7 @@ class Trainer:
             return float(loss), None if grad_norm is None else float(grad_norm), self.engine.was_step_applied()
         losses = []
         for _ in range(self.args.gradient_accumulation_steps):
-            batch = self._to_device(next(self.train_iter))
-            with fp8_autocast(self.config):
-                loss = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+            loss = self._forward(self._to_device(next(self.train_iter)))
             self.engine.backward(loss)
             losses.append(loss.detach())
             if not self.engine.is_gradient_accumulation_boundary():
@@ -174,9 +188,7 @@ class Trainer:
                     losses.append(torch.as_tensor(float(self.engine.eval_batch(self._pipeline_batches(it)))))
                 continue
             for _ in range(a.gradient_accumulation_steps):
-                batch = self._to_device(next(it))
-                with fp8_autocast(self.config):
-                    losses.append(self.engine(batch["tokens"], batch["labels"], batch["loss_mask"]).float())
+                losses.append(self._forward(self._to_device(next(it))).float())
         self.engine.train()
         self.valid_consumed += a.eval_iters * a.global_batch_size
         return self._dp_mean(torch.stack(losses).mean())
@@ -216,22 +228,27 @@ class Trainer:
             if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
                 self._log(window, lr, grad_norm)
                 window = dict(losses=[], start=time.perf_counter(), iters=0)
-            if a.eval_interval and (self.iteration % a.eval_interval == 0 or self.iteration == a.train_iters):
-                t_eval = time.perf_counter()
-                self._log_eval()
-                window["start"] += time.perf_counter() - t_eval  # step times exclude evaluation
-            if a.save_interval and self.iteration % a.save_interval == 0 and self.nonfinite_streak == 0:
+            exiting = bool(a.exit_interval) and self.iteration % a.exit_interval == 0
+            final = exiting or self.iteration == a.train_iters
+            # Save before evaluating: whatever fails after the last step must not cost its checkpoint.
+            # Nothing is saved during a non-finite streak (the last good checkpoint stays latest).
+            periodic = bool(a.save_interval) and self.iteration % a.save_interval == 0
+            if (periodic or final) and self.nonfinite_streak == 0:
                 self.save()
             if self.nonfinite_streak >= a.max_nonfinite_steps:
                 last = "none saved" if self.last_saved is None else os.path.join(a.save, tag_for(self.last_saved))
                 raise TrainingError(
                     f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (up to iteration "
                     f"{self.iteration}); stopping. Last good checkpoint: {last}")
-            if a.exit_interval and self.iteration % a.exit_interval == 0:
+            if a.eval_interval and (self.iteration % a.eval_interval == 0 or self.iteration == a.train_iters):
+                t_eval = time.perf_counter()
+                self._log_eval()
+                window["start"] += time.perf_counter() - t_eval  # step times exclude evaluation
+            if exiting:
                 print_rank0(f"exiting at iteration {self.iteration} (--exit-interval {a.exit_interval})")
                 break
         if self.nonfinite_streak == 0:
-            self.save()
+            self.save()  # a no-op unless the loop ran no step (resumed at --train-iters)
 
     def _log(self, window, lr, grad_norm):
         a = self.args
@@ -253,6 +270,14 @@ class Trainer:
             self.sink.write(record)
 
     def _log_eval(self):
+        a = self.args
+        if self.valid_dataset is None or a.eval_iters <= 0:
+            if not getattr(self, "_eval_skip_noted", False):  # one line, at the first evaluation point
+                why = (f"--eval-iters {a.eval_iters}" if a.eval_iters <= 0 else
+                       f"no validation data (--split {a.split})" if not a.mock_data else "no validation data")
+                print_rank0(f"evaluation skipped: {why}")
+                self._eval_skip_noted = True
+            return
         val_loss = self.evaluate()
         if self.is_logger:
             ppl = math.exp(min(val_loss, 30.0))
