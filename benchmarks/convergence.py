@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from an_megatron.model.config import ModelConfig  # noqa: E402
 from an_megatron.training.run_analysis import (  # noqa: E402
     median_step_time,
     read_metrics,
@@ -43,6 +44,7 @@ SMOKE = dict(model=["--num-layers", "1", "--hidden-size", "32", "--num-attention
              micro=4, global_batch=4, iters=6, eval_interval=3, eval_iters=1, vocab=500, lrs=[3e-3])
 ABLATIONS = {  # name: flags, on anGPT at its best learning rate
     "nu_att=exact": ["--nu-att", "exact"],
+    "nu_att=dense": ["--nu-att", "dense"],
     "nu_att=none": ["--nu-att", "none"],
     "alpha_init=0.01": ["--alpha-init", "0.01"],
     "no nu_lerp": ["--no-nu-lerp"],
@@ -157,8 +159,8 @@ def markdown(summary: dict) -> str:
     for a, v in summary["lr_sensitivity"].items():
         lines.append(f"| {a} | " + " | ".join(f(v.get(lr)) for lr in lrs) + " |")
     if summary["ablations"]:
-        lines += ["", "anGPT ablations (at anGPT's best learning rate; defaults: nu_att=dense, alpha_init=0.05, "
-                      "nu_lerp on, row bound):", "", "| variant | final val loss | step speedup vs GPT+ |", "| --- | --- | --- |",
+        lines += ["", f"anGPT ablations (at anGPT's best learning rate; defaults: nu_att={ModelConfig.nu_att}, "
+                      "alpha_init=0.05, nu_lerp on, row bound):", "", "| variant | final val loss | step speedup vs GPT+ |", "| --- | --- | --- |",
                   f"| anGPT (defaults) | {f(summary['final_val_loss'].get('angpt'))} "
                   f"| {f(summary['steps_speedup_vs_gptplus'].get('angpt'), '.2f')} |"]
         for name, r in summary["ablations"].items():
@@ -171,11 +173,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="two tiny runs, a few steps (the test suite's check)")
     p.add_argument("--archs", nargs="*", default=None)
+    p.add_argument("--lrs", nargs="*", type=float, default=None, help="learning rates to sweep (default: the config's)")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablations", nargs="*", choices=sorted(ABLATIONS), default=None,
+                   help="run only these anGPT ablations (default: all)")
     p.add_argument("--summarize-only", action="store_true",
                    help="train nothing: summarize the finished runs under --out (e.g. of an interrupted benchmark)")
     args = p.parse_args(argv)
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.lrs:
+        cfg["lrs"] = args.lrs
     archs = args.archs or (["gptplus", "angpt"] if args.smoke else list(ARCHS))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -192,6 +199,8 @@ def main(argv=None) -> int:
         lr = min(sweep["angpt"], key=lambda x: final_val(sweep["angpt"][x]))
         print(f"anGPT ablations at lr {lr:g}", flush=True)
         for name, flags in ABLATIONS.items():
+            if args.ablations is not None and name not in args.ablations:
+                continue
             path = train(args.out, cfg, tok, data, "angpt", lr, flags, name=run_name("angpt", lr, name),
                          summarize_only=args.summarize_only)
             if path:

@@ -10,7 +10,9 @@ sequences of a preprocessed corpus (``--data-path``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 import torch
@@ -18,6 +20,8 @@ import torch
 from an_megatron.model import GPTModel
 from an_megatron.model.arguments import add_model_args, model_config_from_args
 from an_megatron.model.diagnostics import measure_norms
+from an_megatron.model.factors import NU_ATT_OPTIONS
+from an_megatron.model.gpt import Attention
 from an_megatron.parallel import destroy_parallel, initialize_parallel
 
 
@@ -31,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="one JSON object per measured quantity")
     p.add_argument("--load", default=None, help="measure these weights: a checkpoint directory or a file from "
                    "tools/convert_checkpoint.py consolidate (its config replaces the model flags)")
+    p.add_argument("--with-nu-att", choices=NU_ATT_OPTIONS, default=None,
+                   help="with --load: measure the loaded weights under this attention factor instead of their own")
     return p.parse_args(argv)
 
 
@@ -51,6 +57,20 @@ def corpus_tokens(prefix: str, batch: int, seq: int, vocab: int) -> torch.Tensor
     return tokens.view(batch, seq)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to file descriptor 1 (prints, loggers) to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     initialize_parallel(1, 1)
@@ -60,9 +80,17 @@ def main(argv=None) -> int:
             from an_megatron.training.convert import ConvertError, load_into_model
 
             try:
-                model = load_into_model(args.load)
+                with _stdout_to_stderr():  # DeepSpeed's loader logs to stdout: keep --json output clean
+                    model = load_into_model(args.load)
             except ConvertError as e:
                 raise SystemExit(f"error: {e}") from None
+            if args.with_nu_att:
+                from dataclasses import replace
+
+                model.config = replace(model.config, nu_att=args.with_nu_att)
+                for module in model.modules():
+                    if isinstance(module, Attention) and module.factors:
+                        module.nu_att = args.with_nu_att
             config = model.config
             args.vocab_size, args.seq_length = config.vocab_size, config.seq_length
         else:
