@@ -50,6 +50,10 @@ def test_resume_continues_exactly(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     second = run(common + ["--load", str(tmp_path / "ck"), "--metrics-file", str(tmp_path / "second.jsonl")])
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "exiting at iteration 5 (--exit-interval 5)" in first.stdout
+    assert f"loaded checkpoint from {tmp_path / 'ck'} at iteration 5" in second.stdout
+    assert sorted(losses(tmp_path / "first.jsonl")) == [1, 2, 3, 4, 5]
+    assert sorted(losses(tmp_path / "second.jsonl")) == [6, 7, 8, 9, 10]  # resumes at the next iteration
     want = losses(tmp_path / "straight.jsonl")
     got = {**losses(tmp_path / "first.jsonl"), **losses(tmp_path / "second.jsonl")}
     assert sorted(got) == list(range(1, 11))
