@@ -188,5 +188,11 @@ def parse_args(argv=None, world_size: int | None = None):
         raise ConfigError("--tokenizer-type is required (NullTokenizer with --vocab-size for synthetic ids)")
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR")
+    if args.tensorboard_dir is not None:  # refuse now, not after the model and data are built
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--tensorboard-dir {args.tensorboard_dir}: the tensorboard package is not installed "
+                              "(pip install tensorboard)") from None
     ds = reconcile_ds_config(args, load_ds_config(args), world_size)
     return args, ds
