@@ -5,7 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from an_megatron.model.factors import nu_act, nu_att_dense, nu_att_exact, nu_lerp, nu_linear
+from an_megatron.model.factors import (
+    logit_variance,
+    nu_act,
+    nu_att_dense,
+    nu_att_exact,
+    nu_att_gaussian,
+    nu_lerp,
+    nu_linear,
+)
 
 D = 512
 N = 4000  # samples; norms concentrate, so the Monte-Carlo error is well under 1%
@@ -82,3 +90,31 @@ def test_nu_att_exact_on_any_attention():
     exact = nu_att_exact(torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(2 * s, -1, keepdim=True))
     torch.testing.assert_close(exact, (a**2).sum(-1, keepdim=True).rsqrt())
     assert mean_norm((a @ v) * exact) == pytest.approx(1.0, rel=0.02)
+
+
+@pytest.mark.parametrize("variance", [0.0, 1.0, 5.0])
+def test_nu_att_gaussian_on_gaussian_logits(variance):
+    """For independent N(0, variance) logits the factor brings the attention average of
+    independent unit values to norm 1 at every query position (Monte Carlo)."""
+    T, dh = 64, 64
+    gen = torch.Generator().manual_seed(0)
+    v = unit(N // 16, T, dh)
+    s = torch.randn(N // 16, T, T, dtype=torch.float64, generator=gen) * math.sqrt(variance)
+    a = torch.softmax(s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), -1)
+    nu = nu_att_gaussian(torch.arange(1, T + 1), torch.tensor([variance]))[:, 0].double()
+    o = (a @ v) * nu[:, None]
+    per_position = o.norm(dim=-1).pow(2).mean(0).sqrt()  # RMS norm at each query position
+    torch.testing.assert_close(per_position, torch.ones(T, dtype=torch.float64), atol=0.05, rtol=0)
+    if variance > 0:  # sqrt(t) over-corrects peaked attention; this factor does not
+        dense = (a @ v) * nu_att_dense(torch.arange(1, T + 1, dtype=torch.float64))[:, None]
+        assert dense.norm(dim=-1).mean() > 1.2
+
+
+def test_logit_variance_matches_qk_norm():
+    """The variance s_qk implies is what QK-normalized random q, k give."""
+    dh, scale = 64, 8.0
+    gen = torch.Generator().manual_seed(0)
+    s_qk = 0.5 + torch.rand(2, dh, dtype=torch.float64, generator=gen)
+    q, k = unit(N, 2, dh) * s_qk, unit(N, 2, dh) * s_qk
+    measured = (scale * (q * k).sum(-1)).var(0)
+    torch.testing.assert_close(measured, logit_variance(s_qk, scale), rtol=0.05, atol=0)
