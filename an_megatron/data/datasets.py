@@ -78,8 +78,10 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
         blend, dataset_class = None, gpt.MockGPTDataset
     else:
         prefixes, weights = parse_data_path(getattr(args, "data_path", None))
+        infos = []
         for prefix in prefixes:
             info = check_indexed_dataset(prefix)
+            infos.append(info)
             if tokenizer.vocab_size > numpy.iinfo(info.dtype).max + 1:
                 raise DataError(
                     f"{prefix}: stores {numpy.dtype(info.dtype).name} token ids, too narrow for "
@@ -106,8 +108,31 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
         # mask per sample is made or loaded.
         create_attention_mask=False,
     )
+    if blend is not None:
+        _drop_or_refuse_empty_splits(config, infos, config.split)
     builder = builder_module.BlendedMegatronDatasetBuilder(
         dataset_class, sizes, is_built_on_rank or (lambda: True), config)
     with single_process_rank_zero():  # a megatron-core workaround: see megatron_patches
         train, valid, test = builder.build()
     return train, valid, test
+
+
+def _drop_or_refuse_empty_splits(config, infos, split: str) -> None:
+    """A split with a share but no document of some prefix (a small corpus, a small share: the
+    default 969,30,1 leaves the test split of a corpus under 500 documents empty) makes
+    megatron-core loop forever counting epochs of zero tokens. Such a test split is dropped
+    (training never reads it); an empty train or validation split is refused, naming the prefix.
+    Document ranges as megatron-core's builder computes them."""
+    for i, name in enumerate(("train", "validation", "test")):
+        bounds = config.split_matrix[i]
+        if bounds is None:
+            continue
+        empty = [info for info in infos
+                 if int(round(bounds[1] * info.num_documents)) <= int(round(bounds[0] * info.num_documents))]
+        if not empty:
+            continue
+        if name == "test":
+            config.split_matrix[i] = None
+            continue
+        raise DataError(f"--split {split}: the {name} split of {empty[0].prefix} gets none of its "
+                        f"{empty[0].num_documents} documents; give it a larger share (or 0 for none)")
