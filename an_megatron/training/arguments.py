@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 from an_megatron.data.arguments import add_data_args
 from an_megatron.model.arguments import add_model_args
@@ -188,6 +189,9 @@ def parse_args(argv=None, world_size: int | None = None):
         raise ConfigError("--tokenizer-type is required (NullTokenizer with --vocab-size for synthetic ids)")
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR")
+    shares = re.findall(r"[0-9]*\.?[0-9]+", args.split)  # the numbers, as megatron-core reads them
+    if not args.mock_data and shares and float(shares[0]) <= 0:
+        raise ConfigError(f"--split {args.split}: training gets no data (its share, the first number, is 0)")
     if args.tensorboard_dir is not None:  # refuse now, not after the model and data are built
         try:
             import torch.utils.tensorboard  # noqa: F401
