@@ -383,6 +383,14 @@ REFUSED = {  # flags (after the tiny model and mock data), ds.json written for t
         "ZeRO stage 3 with --pipeline-model-parallel-size 2", 2),
     "missing-checkpoint": (
         ["--load", "{tmp}/no_such_checkpoint"], None, "--load {tmp}/no_such_checkpoint: no such directory", 1),
+    "split-without-training-data": (
+        ["--data-path", "{tmp}/missing_text_document", "--split", "0,100,0"], None,
+        "--split 0,100,0: training gets no data", 1),
+    # a share too small for any document: megatron-core would loop forever building it
+    "empty-validation-split": (
+        ["--data-path", "{corpus}/kjv_text_document", "--split", "99999,1,0", "--data-cache-path", "{tmp}/cache",
+         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "{corpus}/tok.model"], None,
+        "--split 99999,1,0: the validation split of {corpus}/kjv_text_document gets none of its 1189 documents", 1),
     # tensorboard made unimportable (NO_TENSORBOARD on PYTHONPATH), installed or not
     "tensorboard-missing": (
         ["--tensorboard-dir", "{tmp}/out/tb"], None,
@@ -393,17 +401,20 @@ NO_TENSORBOARD = "raise ImportError('tensorboard hidden by the test')\n"
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", REFUSED)
-def test_refused_configuration_fails_cleanly(case, tmp_path):
+def test_refused_configuration_fails_cleanly(case, tmp_path, request):
     flags, ds, message, nproc = REFUSED[case]
-    tmp = str(tmp_path)
-    flags = [f.format(tmp=tmp) for f in flags]
+    subs = dict(tmp=str(tmp_path))
+    if any("{corpus}" in f for f in flags):
+        subs["corpus"] = str(request.getfixturevalue("corpus"))
+    flags = [f.format(**subs) for f in flags]
     if ds is not None:
         (tmp_path / "ds.json").write_text(json.dumps(ds))
         flags += ["--deepspeed_config", str(tmp_path / "ds.json")]
     out_dir = tmp_path / "out"
-    base = [*TINY, *BATCH, "--train-iters", "2", "--lr", "1e-3", "--tokenizer-type", "NullTokenizer",
-            "--vocab-size", "255", "--save", str(out_dir), "--save-interval", "1",
+    base = [*TINY, *BATCH, "--train-iters", "2", "--lr", "1e-3", "--save", str(out_dir), "--save-interval", "1",
             "--metrics-file", str(out_dir / "m.jsonl")]
+    if "--tokenizer-type" not in flags:
+        base += ["--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
     if "--data-path" not in flags:
         base.append("--mock-data")
     env = None
@@ -414,9 +425,22 @@ def test_refused_configuration_fails_cleanly(case, tmp_path):
     for rank, out in enumerate(run_ranks(base + flags, nproc, env=env)):
         assert out.returncode != 0, (rank, out.stdout[-2000:])
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and message.format(tmp=tmp) in errors[0], (rank, out.stderr[-3000:])
+        assert len(errors) == 1 and message.format(**subs) in errors[0], (rank, out.stderr[-3000:])
         assert "Traceback" not in out.stderr, (rank, out.stderr[-3000:])
     assert not out_dir.exists(), sorted(os.listdir(out_dir))  # no checkpoint, latest, metrics or events
+
+
+@pytest.mark.timeout(120)  # megatron-core used to loop forever here
+def test_a_test_split_without_documents_is_dropped(corpus, tmp_path):
+    from an_megatron.data import build_tokenizer, build_train_valid_test_datasets
+    from an_megatron.training.arguments import parse_args
+
+    # the test share rounds to no document of the corpus's 1189 (the default 969,30,1 does so
+    # for any corpus under 500 documents); training never reads the test split
+    args, _ = parse_args([*SMALL, "--train-iters", "1", "--lr", "1e-3", *corpus_flags(corpus, tmp_path),
+                          "--split", "969,30,0.1"], world_size=1)
+    train, valid, test = build_train_valid_test_datasets(args, build_tokenizer(args), [16, 8, 8])
+    assert len(train) >= 16 and len(valid) >= 8 and test is None
 
 
 # ---- B6. --eod-mask-loss ------------------------------------------------------------------------
