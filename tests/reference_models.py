@@ -21,7 +21,6 @@ GPTModel's parameter names, so tests compare parameter by parameter.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -134,7 +133,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
-def gaussian_nu_att(t: torch.Tensor, s_qk: torch.Tensor, dh: int, T: int) -> torch.Tensor:
+def gaussian_nu_att(t: torch.Tensor, s_qk: torch.Tensor, dh: int) -> torch.Tensor:
     """The ``gaussian`` option: ``nu_att = E[sum_j a_tj^2]^(-1/2)`` predicted for independent
     Gaussian logits over the ``t`` visible keys, per query and head; a constant in backward.
 
@@ -146,9 +145,7 @@ def gaussian_nu_att(t: torch.Tensor, s_qk: torch.Tensor, dh: int, T: int) -> tor
     ``t (B, 1, T, 1)``, ``s_qk (H, 1, d_h)``; returns ``(B, H, T, 1)``.
     """
     sigma2 = dh * (s_qk**4).sum(-1).squeeze(-1) / dh**2  # (H,)
-    # the package's newer predictor interpolates on a grid of key counts up to the sequence length
-    extra = {"max_keys": T} if "max_keys" in inspect.signature(_nu_att_gaussian).parameters else {}
-    nu = _nu_att_gaussian(t[:, 0, :, 0], sigma2.detach(), **extra)  # (B, T, H)
+    nu = _nu_att_gaussian(t[:, 0, :, 0], sigma2.detach())  # (B, T, H)
     return nu.permute(0, 2, 1)[..., None].detach()
 
 
@@ -214,7 +211,7 @@ def reference_forward(w: dict[str, torch.Tensor], config, tokens: torch.Tensor,
         elif nu_att == "exact":  # (sum_j a_tj^2)^(-1/2), a constant in backward
             o = ((a**2).sum(-1, keepdim=True) ** -0.5).detach() * o
         elif nu_att == "gaussian":
-            o = gaussian_nu_att(t, s_qk, dh, T) * o
+            o = gaussian_nu_att(t, s_qk, dh) * o
         elif nu_att != "none":
             raise NotImplementedError(f"the reference has no nu_att {nu_att!r}")
         o = o.transpose(1, 2).reshape(B, T, d)  # concat_heads
