@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="two tiny runs, a few steps (the test suite's check)")
     p.add_argument("--archs", nargs="*", default=None)
-    p.add_argument("--lrs", nargs="*", type=float, default=None, help="learning rates to sweep (default: the config's)")
+    p.add_argument("--lrs", nargs="*", default=None, metavar="[ARCH:]LR",
+                   help="learning rates to sweep (default: the config's); ARCH:LR sweeps LR for ARCH only")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablations", nargs="*", choices=sorted(ABLATIONS), default=None,
                    help="run only these anGPT ablations (default: all)")
@@ -181,16 +182,18 @@ def main(argv=None) -> int:
                    help="train nothing: summarize the finished runs under --out (e.g. of an interrupted benchmark)")
     args = p.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
+    lrs = {arch: cfg["lrs"] for arch in ARCHS}
     if args.lrs:
-        cfg["lrs"] = args.lrs
+        lrs = {arch: [float(lr.split(":")[-1]) for lr in args.lrs if ":" not in lr or lr.startswith(arch + ":")]
+               for arch in ARCHS}
     archs = args.archs or (["gptplus", "angpt"] if args.smoke else list(ARCHS))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     tok, data = prepare_data(args.out, cfg)
     sweep = {}
     for arch in archs:
-        print(f"{arch}: learning rates {cfg['lrs']}", flush=True)
-        runs = {lr: train(args.out, cfg, tok, data, arch, lr, summarize_only=args.summarize_only) for lr in cfg["lrs"]}
+        print(f"{arch}: learning rates {lrs[arch]}", flush=True)
+        runs = {lr: train(args.out, cfg, tok, data, arch, lr, summarize_only=args.summarize_only) for lr in lrs[arch]}
         runs = {lr: path for lr, path in runs.items() if path}
         if runs:
             sweep[arch] = runs
