@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from an_megatron.data import (DataError, IndexedDatasetError, add_data_args, build_data_loader,
+from an_megatron.data import (DataError, IndexedDatasetError, add_data_args, build_data_loader, document_ids,
                               build_tokenizer, build_train_valid_test_datasets, parse_data_path)
 from an_megatron.data.preprocess import preprocess
 from test_data_support import kjv_texts, train_tiny_sentencepiece, write_jsonl
@@ -109,7 +109,12 @@ def test_single_prefix_and_document_masks(corpora):
     assert sample["loss_mask"][eod_at] == 0  # --eod-mask-loss
     if eod_at + 1 < SEQ:
         assert sample["position_ids"][eod_at + 1] == 0  # --reset-position-ids
-    assert sample["attention_mask"].shape == (1, SEQ, SEQ)  # only with --reset-attention-mask
+    # --reset-attention-mask: no s x s mask per sample; the trainer derives document ids, which
+    # change right after each end-of-document token
+    assert "attention_mask" not in sample
+    docs = document_ids(sample["tokens"][None], tokenizer.eod)[0]
+    if eod_at + 1 < SEQ:
+        assert docs[eod_at + 1] == docs[eod_at] + 1
 
 
 def test_mock_data():

@@ -139,3 +139,16 @@ def test_learnable_scale_reparameterization(single_process):
 def test_config_errors_name_the_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("nu_att", ["gaussian", "exact", "dense", "none"])
+def test_bf16_model_runs_in_bf16(single_process, nu_att):
+    """The attention factors are computed in fp32 but must not turn bf16 activations into fp32
+    (the next matmul would see mixed dtypes), with or without document masking."""
+    model = GPTModel(ModelConfig(arch="angpt", nu_att=nu_att, **SMALL)).to(torch.bfloat16)
+    tokens = torch.randint(0, 128, (2, 16))
+    docs = (torch.arange(16) >= 9).long().expand(2, -1)
+    for masking in ({}, dict(document_ids=docs)):
+        logits = model(tokens, **masking)
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+        model.loss(tokens, tokens, **masking).backward()

@@ -26,7 +26,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--reset-attention-mask", action="store_true",
                        help="stop attention across end-of-document tokens")
     group.add_argument("--eod-mask-loss", action="store_true",
-                       help="do not train on predicting the end-of-document token")
+                       help="leave positions whose input is the end-of-document token out of the loss "
+                            "(as Megatron-LM: the prediction of the next document's first token)")
     group.add_argument("--eod-token", default="auto", metavar="auto|TOKEN|ID",
                        help="the token that ends documents in the data (used by the three "
                             "flags above). auto (default): read from each --data-path prefix, "

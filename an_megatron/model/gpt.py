@@ -96,6 +96,7 @@ class Attention(nn.Module):
         else:
             o = attention(q, k, v, self.softmax_scale, bias)
             nu = self._nu_att(document_ids, s, o.device)
+            nu = nu.to(o.dtype) if torch.is_tensor(nu) else nu  # computed in fp32; keep bf16 activations bf16
         o = o.transpose(1, 2)  # (b, s, heads, d_h)
         self.tap_heads(o, self.nu_qkv * nu)
         if self.factors:  # nu_att with the constants (linear through the average and W_o): one pass
