@@ -32,7 +32,9 @@ def main():
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--nu-att", default="exact")
+    p.add_argument("--nu-att", default=ModelConfig.nu_att)
+    p.add_argument("--document-length", type=int, default=0,
+                   help="pack documents of about this many tokens per sequence, with document masking")
     p.add_argument("--compare-nu-att", action="store_true",
                    help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures")
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
@@ -49,11 +51,18 @@ def main():
     models = {name: GPTModel(ModelConfig(arch=a, nu_att=o, **shape)) for name, (a, o) in variants.items()}
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_length + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    masking = {}
+    if args.document_length:  # document boundaries at random positions, as --reset-attention-mask gives
+        from an_megatron.model.attention import visible_keys
+
+        starts = torch.rand(inputs.shape) < 1 / args.document_length
+        docs = starts.long().cumsum(1)
+        masking = dict(document_ids=docs, position_ids=visible_keys(docs, args.seq_length, docs.device) - 1)
 
     def step(model):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        model.loss(inputs, labels).backward()
+        model.loss(inputs, labels, **masking).backward()
         return time.perf_counter() - t0
 
     if args.profile:
@@ -77,7 +86,8 @@ def main():
     destroy_parallel()
     med = {a: statistics.median(t) for a, t in times.items()}
     print(f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
-          f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}, "
+          f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
+          f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}, "
           f"median of {args.steps} interleaved steps; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
     print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
