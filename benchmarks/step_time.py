@@ -38,8 +38,15 @@ def main():
     p.add_argument("--compare-nu-att", action="store_true",
                    help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures")
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time steps by the process's CPU time instead of wall time: with --threads 1 it "
+                        "leaves out time spent waiting for a core on a shared machine")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     initialize_parallel(1, 1)
     torch.manual_seed(0)
     shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
@@ -61,9 +68,9 @@ def main():
 
     def step(model):
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0 = clock()
         model.loss(inputs, labels, **masking).backward()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -88,7 +95,8 @@ def main():
     print(f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
           f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
           f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}, "
-          f"median of {args.steps} interleaved steps; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
     print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
     print("| --- | --- | --- | --- | --- |")
