@@ -10,9 +10,11 @@ matrix of logits or weights is made. On a device or dtype without such a kernel,
 computed explicitly (same values, O(T^2) memory).
 
 Document masking: ``document_ids`` ``(b, T)`` (non-decreasing along T) let a query see only
-the keys of its own document, as an additive bias ``(b, 1, T, T)`` of 0 and -inf. torch has no
-variable-length attention kernel on CPU, so this bias is materialized there; it costs
-``b T^2`` elements, the kernels still never hold the logits.
+the keys of its own document. On CUDA in bf16/fp16, torch's variable-length flash attention
+(``torch.nn.attention.varlen.varlen_attn``) runs each document as its own causal sequence: no
+mask is made at all. Elsewhere (CPU, fp32, and the exact factor's log-sum-exps) the mask is an
+additive bias ``(b, 1, T, T)`` of 0 and -inf: ``b T^2`` elements, while the kernels still never
+hold the logits.
 """
 from __future__ import annotations
 
@@ -76,20 +78,49 @@ def attention_with_lse(q, k, v, scale: float, bias: torch.Tensor | None = None, 
     return result if result is not None else _explicit_with_lse(q, k, v, scale, bias)
 
 
-def attention(q, k, v, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention (plus ``bias``) through torch's public SDPA, which picks the kernel."""
-    if bias is None:
+def _varlen_applies(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _varlen_causal_attention(q, k, v, scale: float, document_ids: torch.Tensor) -> torch.Tensor:
+    """Each document of each sequence as its own causal sequence, through flash attention's
+    variable-length kernel; ``(b, heads, T, d_h)`` in and out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, heads, T, dh = q.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = starts.flatten().nonzero().squeeze(1)
+    cu_seqlens = torch.cat([first, first.new_tensor([b * T])]).to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one device sync per layer
+
+    def tokens_major(x):
+        return x.transpose(1, 2).reshape(b * T, heads, dh)
+
+    out = varlen_attn(tokens_major(q), tokens_major(k), tokens_major(v), cu_seqlens, cu_seqlens, longest, longest,
+                      scale=scale, window_size=(-1, 0))
+    return out.view(b, T, heads, dh).transpose(1, 2)
+
+
+def attention(q, k, v, scale: float, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention, inside each document when ``document_ids`` is given; torch picks the
+    kernel (public SDPA, or the variable-length flash kernel for documents on CUDA)."""
+    if document_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    if _varlen_applies(q):
+        return _varlen_causal_attention(q, k, v, scale, document_ids)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_bias(document_ids, q.dtype), scale=scale)
 
 
-def attention_with_exact_nu_att(q, k, v, scale: float, bias: torch.Tensor | None = None, fused: bool = True):
+def attention_with_exact_nu_att(q, k, v, scale: float, document_ids: torch.Tensor | None = None,
+                                fused: bool = True):
     """``(output, nu_att)``: the attention output and the exact factor ``(sum_j a_tj^2)^(-1/2)``
     per query and head, ``(b, heads, T, 1)``, a constant in backward (as ANGPT.md defines it).
 
     ``sum_j a_tj^2 = exp(LSE(2 s_t) - 2 LSE(s_t))``: ``LSE(s)`` comes with the output,
     ``LSE(2 s)`` from a forward-only pass at twice the scale (its output is not used).
     """
+    bias = None if document_ids is None else document_bias(document_ids, q.dtype)
     out, lse = attention_with_lse(q, k, v, scale, bias, fused)
     with torch.no_grad():
         _, lse2 = attention_with_lse(q.detach(), k.detach(), v.detach(), 2 * scale, bias, fused)

@@ -20,7 +20,7 @@ from torch import nn
 
 from an_megatron.model.arch import ARCH_SPECS, ArchSpec
 from an_megatron.model.config import ModelConfig
-from an_megatron.model.attention import attention, attention_with_exact_nu_att, document_bias, visible_keys
+from an_megatron.model.attention import attention, attention_with_exact_nu_att, visible_keys
 from an_megatron.model.factors import nu_act, nu_att_dense, nu_att_gaussian, nu_linear
 from an_megatron.model.layers import column_parallel, row_parallel, vocab_embedding
 from an_megatron.model.scales import Tap
@@ -89,12 +89,11 @@ class Attention(nn.Module):
         self.tap_q(q, self.nu_qkv), self.tap_k(k, self.nu_qkv), self.tap_v(v, self.nu_qkv)
         q, k = self.qk_norm(apply_rope(q, self.rope_theta, position_ids), apply_rope(k, self.rope_theta, position_ids))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d_h) for the kernels
-        bias = None if document_ids is None else document_bias(document_ids, q.dtype)
         if self.nu_att == "exact":
-            o, nu = attention_with_exact_nu_att(q, k, v, self.softmax_scale, bias)
+            o, nu = attention_with_exact_nu_att(q, k, v, self.softmax_scale, document_ids)
             nu = nu.transpose(1, 2)  # (b, s, heads, 1)
         else:
-            o = attention(q, k, v, self.softmax_scale, bias)
+            o = attention(q, k, v, self.softmax_scale, document_ids)
             nu = self._nu_att(document_ids, s, o.device)
             nu = nu.to(o.dtype) if torch.is_tensor(nu) else nu  # computed in fp32; keep bf16 activations bf16
         o = o.transpose(1, 2)  # (b, s, heads, d_h)
