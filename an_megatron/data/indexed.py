@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from an_megatron.compat import megatron_core as mcore_compat
 from an_megatron.data.errors import IndexedDatasetError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -187,7 +188,7 @@ def document_last_tokens(prefix: str, limit: int) -> numpy.ndarray:
     shows its mix. Reads only the index entries and tokens it needs; the dataset must be valid
     (check_indexed_dataset).
     """
-    reader = import_megatron_core()._IndexReader(os.fspath(prefix) + ".idx", multimodal=False)
+    reader = mcore_compat.index_reader(os.fspath(prefix) + ".idx")
     try:
         boundaries = reader.document_indices
         num_documents = len(boundaries) - 1
@@ -222,19 +223,17 @@ def _has_unfinished_temp(final_path: str) -> bool:
         return False
 
 
+def _byte_pointers(sequence_lengths, dtype) -> numpy.ndarray:
+    """Each sequence's byte offset in the .bin, by numpy.cumsum (megatron-core loops in Python)."""
+    byte_lengths = numpy.asarray(sequence_lengths, dtype=numpy.int64) * numpy.int64(numpy.dtype(dtype).itemsize)
+    pointers = numpy.zeros(len(byte_lengths), dtype=numpy.int64)
+    numpy.cumsum(byte_lengths[:-1], out=pointers[1:])
+    return pointers
+
+
 def _compact_index_builder_class():
     """Build the CompactIndexedDatasetBuilder class lazily: megatron-core takes ~5 s to import."""
     mcore = import_megatron_core()
-
-    class _VectorizedIndexWriter(mcore._IndexWriter):
-        """megatron-core's index writer with byte pointers from numpy.cumsum (same bytes)."""
-
-        def _sequence_pointers(self, sequence_lengths):
-            byte_lengths = numpy.asarray(sequence_lengths, dtype=numpy.int64) * numpy.int64(
-                mcore.DType.size(self.dtype))
-            pointers = numpy.zeros(len(byte_lengths), dtype=numpy.int64)
-            numpy.cumsum(byte_lengths[:-1], out=pointers[1:])
-            return pointers
 
     class CompactIndexedDatasetBuilder(mcore.IndexedDatasetBuilder):
         """megatron-core's IndexedDatasetBuilder with its index kept in packed arrays.
@@ -267,7 +266,7 @@ def _compact_index_builder_class():
                 raise IndexedDatasetError(
                     f"{path_prefix}: token dtype {numpy.dtype(info.dtype).name} differs from "
                     f"{numpy.dtype(self.dtype).name} of the datasets before it")
-            reader = mcore._IndexReader(path_prefix + ".idx", multimodal=False)
+            reader = mcore_compat.index_reader(path_prefix + ".idx")
             offset = len(self.sequence_lengths)
             self.sequence_lengths.frombytes(reader.sequence_lengths.tobytes())
             self.document_indices.frombytes(
@@ -278,8 +277,8 @@ def _compact_index_builder_class():
 
         def finalize(self, idx_path: str) -> None:
             self.data_file.close()
-            with _VectorizedIndexWriter(idx_path, self.dtype) as writer:
-                writer.write(self.sequence_lengths, None, self.document_indices)
+            mcore_compat.write_index(idx_path, self.dtype, self.sequence_lengths, self.document_indices,
+                                     _byte_pointers(self.sequence_lengths, self.dtype))
 
     return CompactIndexedDatasetBuilder
 

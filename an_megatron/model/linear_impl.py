@@ -6,7 +6,8 @@ per (``--transformer-impl``, FP8 backend) pair:
 
 - local, no FP8: megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear``;
 - local, ``--fp8-backend torch``: the same layers with only the local matmul swapped for
-  ``fp8.FP8Matmul`` (``_forward_impl``, the hook both layers call between their communication);
+  ``fp8.FP8Matmul`` (``compat.megatron_core.LocalLinearOverride``: the hook both layers call
+  between their communication);
 - transformer_engine (bf16, or ``--fp8-backend te``): megatron-core's TE wrappers, which take
   the same ``init_method``/``stride`` and set the same tensor-parallel attributes.
 
@@ -24,6 +25,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 
+from an_megatron.compat.megatron_core import LocalLinearOverride
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.fp8 import FP8Scaling, fp8_linear, import_transformer_engine
 
@@ -37,18 +39,18 @@ class LinearImpl:
     row: Callable[..., nn.Module]  # RowParallelLinear's arguments
 
 
-class _FP8MatmulMixin:
-    """Replaces megatron-core's ``_forward_impl`` (the fused matmul + backward all-reduce) with
+class _FP8MatmulMixin(LocalLinearOverride):
+    """Replaces megatron-core's local matmul (the fused matmul + backward all-reduce) with
     ``fp8_linear``. A column-parallel layer under TP skips ``copy_to_tensor_model_parallel_region``
-    and asks ``_forward_impl`` to all-reduce grad_x instead (``allreduce_dgrad``): we apply that
+    and asks the local matmul to all-reduce grad_x instead (``allreduce_dgrad``): we apply that
     same region here, so the communication is megatron-core's own."""
 
     def __init__(self, *args, fp8_scaling: FP8Scaling, **kwargs):
         super().__init__(*args, **kwargs)
         self.fp8_scaling = fp8_scaling
 
-    def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                      tp_group=None, **unused):
+    def local_linear(self, input, weight, bias, *, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                     tp_group):
         if sequence_parallel or gradient_accumulation_fusion:
             raise ValueError("--fp8-backend torch supports neither sequence parallelism nor gradient accumulation fusion")
         if allreduce_dgrad:

@@ -16,7 +16,8 @@ Usage, once, after ``deepspeed.initialize``::
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=DeepSpeedMPU)
     register_norm_bound(engine)          # then train as usual: engine.step() applies the bound
 
-The DeepSpeed internals used here were read from DeepSpeed 0.19.8's source (see each adapter).
+The DeepSpeed internals the adapters read (which tensors are the masters, where a parameter's
+fragment lies in them) are accessors of ``an_megatron/compat/deepspeed.py``, read from 0.19.8.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from an_megatron.compat import deepspeed as ds_compat
 from an_megatron.optim.norm_bound import Fragment, constrain_fragments_, constrained_parameters
 
 def _index_of(master: torch.Tensor, tensors: Sequence[torch.Tensor]) -> int:
@@ -33,7 +35,7 @@ def _index_of(master: torch.Tensor, tensors: Sequence[torch.Tensor]) -> int:
         if t is master:
             return i
     raise RuntimeError("the inner optimizer stepped a tensor that is not one of DeepSpeed's fp32 masters; "
-                       "DeepSpeed's internals changed: re-check an_megatron/optim/deepspeed_bound.py")
+                       "DeepSpeed's internals changed: re-check an_megatron/compat/deepspeed.py")
 
 
 def _one_group(groups: list):
@@ -80,15 +82,15 @@ class _DenseMasters(_Masters):
 
 class _UnfusedMasters(_Masters):
     """``FP16_UnfusedOptimizer`` (stage 0 with bf16/fp16 and a non-fused optimizer): whole fp32
-    copies, ``fp32_groups[i][j]`` is the master of ``fp16_groups[i][j]``."""
+    copies, master ``j`` of group ``i`` is that of model parameter ``j`` of group ``i``."""
 
     name = "stage0-unfused"
 
     def lp_groups(self):
-        return self.wrapper.fp16_groups
+        return ds_compat.model_param_groups(self.wrapper)
 
     def fragments(self, masters):
-        lp_of = {id(hp): lp for hps, lps in zip(self.wrapper.fp32_groups, self.wrapper.fp16_groups)
+        lp_of = {id(hp): lp for hps, lps in zip(ds_compat.fp32_masters(self.wrapper), self.lp_groups())
                  for hp, lp in zip(hps, lps)}
         frags = []
         for hp in masters:
@@ -100,24 +102,23 @@ class _UnfusedMasters(_Masters):
 
 class _FusedFlatMasters(_Masters):
     """``FP16_Optimizer`` (stage 0 with DeepSpeed's fused Adam): one flat fp32 copy per group,
-    ``fp32_groups_flat[i]``, holding ``fp16_groups[i]`` back to back (``_flatten_dense_tensors``,
-    no alignment)."""
+    holding the group's model parameters back to back."""
 
     name = "stage0-fused"
 
     def __init__(self, wrapper):
-        if wrapper.fused_adam_legacy:  # its fused kernel writes the fp16 weights inside the step
+        if ds_compat.uses_legacy_fusion(wrapper):
             raise NotImplementedError("norm bound with legacy_fusion: the fp16 weights bypass the masters")
         super().__init__(wrapper)
 
     def lp_groups(self):
-        return self.wrapper.fp16_groups
+        return ds_compat.model_param_groups(self.wrapper)
 
     def fragments(self, masters):
         frags = []
         for hp in masters:
             offset = 0
-            for lp in self.wrapper.fp16_groups[_index_of(hp, self.wrapper.fp32_groups_flat)]:
+            for lp in self.lp_groups()[_index_of(hp, ds_compat.fp32_masters(self.wrapper))]:
                 if getattr(lp, "norm_constraint", None) is not None:
                     piece = hp.detach().narrow(0, offset, lp.numel())
                     frags.append(Fragment(piece, 0, tuple(lp.shape), lp.norm_constraint))
@@ -127,64 +128,55 @@ class _FusedFlatMasters(_Masters):
 
 class _HpMappedMasters(_Masters):
     """ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and ``BF16_Optimizer``: one flat fp32 partition per
-    group on each rank; ``param._hp_mapping`` (None where this rank holds nothing of ``param``)
-    gives where the parameter's fragment is in it (``hp_fragment_address``) and which flat
-    elements of the parameter it holds (``lp_fragment_address``); it may start or end mid-row."""
+    group on each rank, holding a fragment of some parameters (``hp_fragment``); a fragment may
+    start or end mid-row."""
 
     dp_partitioned = True
 
-    def __init__(self, wrapper, name, flats_attr, lp_attr):
+    def __init__(self, wrapper, name):
         super().__init__(wrapper)
-        self.name, self._flats_attr, self._lp_attr = name, flats_attr, lp_attr
+        self.name = name
 
     def lp_groups(self):
-        return getattr(self.wrapper, self._lp_attr)
+        return ds_compat.model_param_groups(self.wrapper)
 
     def fragments(self, masters):
-        flats, lp_groups = getattr(self.wrapper, self._flats_attr), getattr(self.wrapper, self._lp_attr)
         frags, groups = [], []
         for hp in masters:
-            i = _index_of(hp, flats)
-            groups.append(self.wrapper.real_dp_process_group[i])
-            for lp in constrained_parameters(lp_groups[i]):
-                mapping = getattr(lp, "_hp_mapping", None)
-                if mapping is None:  # an empty piece of the master: right device and dtype
+            i = _index_of(hp, ds_compat.fp32_masters(self.wrapper))
+            groups.append(ds_compat.master_dp_group(self.wrapper, i))
+            for lp in constrained_parameters(self.lp_groups()[i]):
+                at = ds_compat.hp_fragment(lp)
+                if at is None:  # this rank holds nothing of lp: an empty piece of the master (right device and dtype)
                     frags.append(Fragment(hp.detach()[:0], 0, tuple(lp.shape), lp.norm_constraint))
                     continue
-                at = mapping.hp_fragment_address
-                piece = hp.detach().narrow(0, at.start, at.numel)
-                frags.append(Fragment(piece, mapping.lp_fragment_address.start, tuple(lp.shape), lp.norm_constraint))
+                piece = hp.detach().narrow(0, at.offset, at.numel)
+                frags.append(Fragment(piece, at.param_start, tuple(lp.shape), lp.norm_constraint))
         return frags, _one_group(groups)
 
 
 class _Stage3Masters(_Masters):
-    """ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): one flat fp32 partition per sub-group,
-    ``fp32_partitioned_groups_flat[sg]``, and the inner step runs once per sub-group.
-    ``grad_position[get_param_id(p)] = (sg, offset, n)``: the parameter's partition is
-    ``flat[offset:offset + n]``, and element ``k`` of it is flat element ``rank * n + k`` of the
-    parameter (rank in ``sub_group_process_groups[sg]``); elements past ``p.ds_numel`` are
-    padding. The parameter's shape is ``p.ds_shape`` (``p.shape`` is ``(0,)`` while partitioned)."""
+    """ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): one flat fp32 partition per sub-group, and
+    the inner step runs once per sub-group. Each rank holds an equal slice of every parameter
+    (``zero3_param_slice``), which may start or end mid-row."""
 
     name = "zero-3"
     dp_partitioned = True
 
     def lp_groups(self):
-        return self.wrapper.fp16_groups
+        return ds_compat.model_param_groups(self.wrapper)
 
     def fragments(self, masters):
-        z3 = self.wrapper
         frags, groups = [], []
         for hp in masters:
-            sg = _index_of(hp, z3.fp32_partitioned_groups_flat)
-            group = z3.sub_group_process_groups[sg]
+            sg = _index_of(hp, ds_compat.fp32_masters(self.wrapper))
+            group = ds_compat.master_dp_group(self.wrapper, sg)
             groups.append(group)
             rank = dist.get_rank(group=group)
-            for lp in constrained_parameters(z3.fp16_groups[sg]):
-                _, offset, n = z3.grad_position[z3.get_param_id(lp)]
-                start = rank * n
-                held = max(0, min(n, lp.ds_numel - start))  # drop the padding
-                piece = hp.detach().narrow(0, offset, held)
-                frags.append(Fragment(piece, start, tuple(lp.ds_shape), lp.norm_constraint))
+            for lp in constrained_parameters(self.lp_groups()[sg]):
+                at = ds_compat.zero3_param_slice(self.wrapper, lp, rank)
+                piece = hp.detach().narrow(0, at.offset, at.numel)
+                frags.append(Fragment(piece, at.param_start, ds_compat.zero3_full_shape(lp), lp.norm_constraint))
         return frags, _one_group(groups)
 
 
@@ -201,11 +193,11 @@ def _masters_of(optimizer) -> _Masters:
     if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
         return _Stage3Masters(optimizer)
     if isinstance(optimizer, DeepSpeedZeroOptimizer):
-        if optimizer.zenflow:  # ZenFlow steps the masters without the inner optimizer's step()
+        if ds_compat.uses_zenflow(optimizer):
             raise NotImplementedError("norm bound with ZenFlow")
-        return _HpMappedMasters(optimizer, "zero-1/2", "single_partition_of_fp32_groups", "bit16_groups")
+        return _HpMappedMasters(optimizer, "zero-1/2")
     if isinstance(optimizer, BF16_Optimizer):
-        return _HpMappedMasters(optimizer, "bf16-optimizer", "fp32_groups_flat_partition", "bf16_groups")
+        return _HpMappedMasters(optimizer, "bf16-optimizer")
     if isinstance(optimizer, FP16_UnfusedOptimizer):
         return _UnfusedMasters(optimizer)
     if isinstance(optimizer, FP16_Optimizer):
@@ -214,12 +206,10 @@ def _masters_of(optimizer) -> _Masters:
 
 
 def _inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    """The torch optimizer(s) whose ``step()`` updates the masters: the wrapper's ``optimizer``
-    (plus ZeRO-3's ``backup_optimizer`` for sub-groups kept on the GPU under partial offload)."""
+    """The torch optimizer(s) whose ``step()`` updates the masters."""
     if isinstance(optimizer, torch.optim.Optimizer):
         return [optimizer]
-    inner = [optimizer.optimizer, getattr(optimizer, "backup_optimizer", None)]
-    return [o for o in inner if o is not None]
+    return ds_compat.inner_optimizers(optimizer)
 
 
 class NormBound:
@@ -255,8 +245,8 @@ def register_norm_bound(engine, model: torch.nn.Module | None = None, tp_group=N
     """
     model = engine.module if model is None else model
     masters = _masters_of(engine.optimizer)
-    offloaded = getattr(engine.optimizer, "cpu_offload", False) or getattr(engine.optimizer, "offload_optimizer", False)
-    if offloaded and dist.get_backend() == "nccl":  # the row sums would be all-reduced from CPU over NCCL
+    # offloaded masters are on the CPU: their row sums would be all-reduced from there over NCCL
+    if ds_compat.offloads_optimizer(engine.optimizer) and dist.get_backend() == "nccl":
         raise NotImplementedError("norm bound with ZeRO optimizer offload on NCCL (masters on the CPU)")
     constrained = constrained_parameters(p for p in model.parameters() if p.requires_grad)
     reached = {id(p) for group in masters.lp_groups() for p in group}

@@ -6,7 +6,7 @@ dict (TP=1), "iteration", "consumed_samples", "source"}``. Where ZeRO keeps fp32
 1-3) they are the weights: in bf16 the module copies are rounded. DeepSpeed's own reader
 (``zero_to_fp32``) merges the data-parallel partitions, but it globs every ``*_optim_states.pt``
 of the directory and so handles one model-parallel rank only; we call the functions it builds on
-once per model-parallel rank (``mp_rank_XX``: pipeline stage x tensor rank; a pipeline's model
+(``an_megatron/compat/deepspeed.py``) once per model-parallel rank (``mp_rank_XX``: pipeline stage x tensor rank; a pipeline's model
 states hold no ``module``, so we describe them to it ourselves). Stage 0 takes the module's weights
 (``mp_rank_XX_model_states.pt``, or the pipeline's layer files): exact in fp32; in bf16 they are
 the rounded copies (the stage-0 bf16 optimizer's masters are stored without names).
@@ -39,6 +39,7 @@ from dataclasses import replace
 
 import torch
 
+from an_megatron.compat import deepspeed as ds_compat
 from an_megatron.model.config import ModelConfig
 from an_megatron.parallel.tensor_parallel import merge_tp_shards, shard_tp_tensor
 from an_megatron.training.checkpointing import LATEST, META, CheckpointError, _write_atomic, read_checkpoint_meta
@@ -104,8 +105,6 @@ def _zero_masters(ckpt_dir: str, mp_rank: int, stage: int, dp: int, bf16: bool,
                   pipelined: bool) -> dict[str, torch.Tensor]:
     """One model-parallel rank's fp32 masters, merged over its ``dp`` data-parallel partitions by
     DeepSpeed's own ``zero_to_fp32`` functions (file names as the engine writes them)."""
-    from deepspeed.utils import zero_to_fp32 as z
-
     mp = f"mp_rank_{mp_rank:02d}"
     model_files = ([f"zero_pp_rank_{d}_{mp}_model_states.pt" for d in range(dp)] if stage == 3
                    else [f"{mp}_model_states.pt"])
@@ -115,17 +114,10 @@ def _zero_masters(ckpt_dir: str, mp_rank: int, stage: int, dp: int, bf16: bool,
         _load_exists(f)
     try:
         if pipelined:  # the pipeline's weights are in layer files: its model states have no 'module'
-            head = _load(model_files[0])
-            states = [z.zero_model_state(buffers={}, param_shapes=head["param_shapes"], shared_params=[],
-                                         ds_version=head.get("ds_version"), frozen_param_shapes=None,
-                                         frozen_param_fragments=None)]
+            states = ds_compat.zero_model_states_from_shapes(_load(model_files[0]))
         else:
-            states = z.parse_model_states(model_files)
-        stage, world, fp32_groups, paddings = z.parse_optim_states(optim_files, ckpt_dir)
-        if stage <= 2:
-            sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, fp32_groups, states, False, paddings)
-        else:
-            sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, fp32_groups, states, False)
+            states = ds_compat.zero_model_states(model_files)
+        sd = ds_compat.zero_fp32_state_dict(ckpt_dir, optim_files, states)
     except (ValueError, KeyError) as e:  # e.g. BF16_Optimizer files (bf16 + grad_accum_dtype fp32): not ZeRO's
         raise ConvertError(f"{ckpt_dir} (mp_rank_{mp_rank:02d}): {e}") from None
     return {k: v.contiguous().float().clone() for k, v in sd.items()}

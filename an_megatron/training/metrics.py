@@ -9,6 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from an_megatron.compat import deepspeed as ds_compat
 from an_megatron.model.config import ModelConfig
 from an_megatron.parallel.tensor_parallel import is_tp_sharded
 
@@ -40,15 +41,16 @@ def peak_tflops(flag_value: float | None) -> float | None:
 def global_norm(params, grads: bool, tp_group, pp_group=None, dp_group=None) -> float:
     """L2 norm over every shard of the model, counting replicated tensors once: TP-sharded
     tensors are summed over the TP group, replicated ones taken from TP rank 0; then summed
-    over pipeline stages; ZeRO-3 partitions (``ds_tensor``) are summed over data parallel."""
+    over pipeline stages; ZeRO-3 partitions are summed over data parallel."""
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     whole, dp_partitioned = torch.zeros(()), torch.zeros(())
     for p in params:
-        t = p.grad if grads else getattr(p, "ds_tensor", p.data)
+        partition = None if grads else ds_compat.zero3_partition(p)
+        t = p.grad if grads else p.data if partition is None else partition
         if t is None or (tp_rank != 0 and not is_tp_sharded(p)):
             continue  # a replicated tensor counts once, on TP rank 0
         sq = t.detach().float().pow(2).sum().cpu()
-        if hasattr(p, "ds_tensor") and not grads:
+        if partition is not None:
             dp_partitioned += sq
         else:
             whole += sq
