@@ -52,11 +52,11 @@ def run(arch, precision, args, data, device):
                          num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
                          seq_length=args.seq_length, **PRECISIONS[precision])
     model = GPTModel(config).to(device=device, dtype=torch.bfloat16)
-    gptplus = arch == "gptplus"
-    lr = args.lr or (1e-3 if gptplus else 3e-3)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1 if gptplus else 0.0,
+    defaults = config.spec.optimizer  # the trainer's weight decay and warm-up for this architecture
+    lr = args.lr or (1e-3 if arch == "gptplus" else 3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=defaults.weight_decay,
                             fused=device.type == "cuda")
-    warmup = max(1, args.steps // 10) if gptplus else 0
+    warmup = defaults.warmup_iters(args.steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -71,8 +71,7 @@ def run(arch, precision, args, data, device):
             loss = model.loss(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         opt.step()
-        if not gptplus:
-            constrain_parameters_(model.parameters())
+        constrain_parameters_(model.parameters())  # the norm bound (none for GPT+)
         sync()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())

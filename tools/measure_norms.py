@@ -89,8 +89,8 @@ def main(argv=None) -> int:
 
                 model.config = replace(model.config, nu_att=args.with_nu_att)
                 for module in model.modules():
-                    if isinstance(module, Attention) and module.factors:
-                        module.nu_att = args.with_nu_att
+                    if isinstance(module, Attention):  # the spec's factors under the new nu_att
+                        module.factors = model.config.spec.factors(model.config)
             config = model.config
             args.vocab_size, args.seq_length = config.vocab_size, config.seq_length
         else:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from an_megatron.model.config import ARCHS, DEFAULT_SCALES, WEIGHT_NORMS, ModelConfig
+from an_megatron.model.arch import ARCH_SPECS
+from an_megatron.model.config import DEFAULT_SCALES, WEIGHT_NORMS, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
 from an_megatron.model.fp8 import AMAX_COMPUTE_ALGOS, FP8_BACKENDS, FP8_FORMATS, FP8_RECIPES, TRANSFORMER_IMPLS
 
@@ -24,7 +25,7 @@ def _scale_spec(text: str):
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, default="angpt")
+    g.add_argument("--arch", choices=tuple(ARCH_SPECS), default="angpt")
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--num-attention-heads", type=int, default=4)

@@ -6,14 +6,28 @@ knowing which architecture it is.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from an_megatron.model.config import ModelConfig
 from an_megatron.model.factors import logit_variance, nu_lerp
 from an_megatron.model.scales import Scale
+
+if TYPE_CHECKING:  # config.py imports the specs, and so this module
+    from an_megatron.model.config import ModelConfig
+
+
+def unit_init(w: torch.Tensor, norm_dim: int, config: ModelConfig) -> torch.Tensor:
+    """anGPT's and nGPT's initialization: a standard normal draw ``w`` scaled to unit-norm
+    vectors along ``norm_dim`` (the axis the weight's norm constraint runs along)."""
+    return w / w.norm(dim=norm_dim, keepdim=True)
+
+
+def normal_init(w: torch.Tensor, norm_dim: int, config: ModelConfig) -> torch.Tensor:
+    """GPT+'s: ``N(0, init_std^2)`` entries."""
+    return w * config.init_std
 
 
 def _local(size: int, config: ModelConfig) -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from an_megatron.model.arch import ARCH_SPECS, ARCHS, ArchSpec  # noqa: F401 (ARCHS: its importers)
 from an_megatron.model.factors import check_nu_att
 from an_megatron.model.fp8 import check_fp8
 
-ARCHS = ("angpt", "ngpt", "gptplus")
 WEIGHT_NORMS = ("bound", "normalize", "none")
 
 # (s_init, s_scale) per learnable scale; None means 1/sqrt(d). nGPT's values (ANGPT.md).
@@ -22,7 +22,7 @@ DEFAULT_SCALES = {
 
 @dataclass
 class ModelConfig:
-    arch: str = "angpt"
+    arch: str = "angpt"  # a key of arch.ARCH_SPECS
     num_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4
@@ -39,7 +39,7 @@ class ModelConfig:
     # How weights are kept in the unit ball: anGPT bounds rows, nGPT normalizes exactly, GPT+
     # uses weight decay instead. None picks the architecture's own.
     weight_norm: str | None = None
-    init_std: float = 0.02  # GPT+ only; anGPT and nGPT start from unit-norm rows
+    init_std: float = 0.02  # GPT+'s normal_init; anGPT and nGPT start from unit-norm rows
     norm_eps: float = 1e-6  # RMSNorm (GPT+)
     tensor_model_parallel_size: int = 1
     seed: int = 1234
@@ -54,14 +54,14 @@ class ModelConfig:
     fp8_amax_compute_algo: str = "most_recent"
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch not in ARCH_SPECS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCH_SPECS)}")
         check_nu_att(self.nu_att)
         check_fp8(self)
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.weight_norm is None:
-            self.weight_norm = {"angpt": "bound", "ngpt": "normalize", "gptplus": "none"}[self.arch]
+            self.weight_norm = self.spec.weight_norm
         if self.weight_norm not in WEIGHT_NORMS:
             raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
         unknown = set(self.scales) - set(DEFAULT_SCALES)
@@ -80,6 +80,10 @@ class ModelConfig:
             raise ValueError(
                 f"tensor-model-parallel-size {tp} does not divide the padded vocabulary size {self.vocab_size}"
             )
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCH_SPECS[self.arch]
 
     @property
     def head_dim(self) -> int:

@@ -11,10 +11,15 @@ those of the whole vectors, so a shard's local shape would be off by ``sqrt(tp)`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from an_megatron.model.config import ModelConfig
 
 NU_ATT_OPTIONS = ("gaussian", "exact", "dense", "none")
 
@@ -165,6 +170,29 @@ def nu_att_exact(logits_lse: torch.Tensor, logits_lse2: torch.Tensor) -> torch.T
     per query, which is how this option can run without materializing attention weights.
     """
     return torch.exp(logits_lse - 0.5 * logits_lse2)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The constant factors a block multiplies in (``gpt.py`` folds them): anGPT's
+    (``angpt_factors``), or all 1 and no ``nu_att`` (``no_factors``: nGPT and GPT+)."""
+
+    nu_qkv: float = 1.0  # after W_q, W_k, W_v (per head)
+    nu_o: float = 1.0  # after W_o
+    nu_uz: float = 1.0  # after W_u and W_z
+    nu_act: float = 1.0  # after u * SiLU(z)
+    nu_down: float = 1.0  # after W_down
+    nu_att: str = "none"  # after attention: one of NU_ATT_OPTIONS
+
+
+def angpt_factors(config: ModelConfig) -> Factors:
+    d, dh, f = config.hidden_size, config.head_dim, config.ffn_hidden_size
+    return Factors(nu_qkv=nu_linear(d, dh), nu_o=nu_linear(dh, d), nu_uz=nu_linear(d, f), nu_act=nu_act(d, f),
+                   nu_down=nu_linear(f, d), nu_att=config.nu_att)
+
+
+def no_factors(config: ModelConfig) -> Factors:
+    return Factors()
 
 
 def check_nu_att(option: str) -> str:

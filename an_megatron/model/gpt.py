@@ -1,10 +1,10 @@
 """The model: token embedding, L blocks, output head, loss; one code path for three architectures.
 
 Read top to bottom, this is ANGPT.md's forward pass. Where anGPT, nGPT and GPT+ differ, the
-block calls a component chosen by the architecture's ``ArchSpec`` (``arch.py``); anGPT's
-constant factors ``nu`` (``factors.py``; 1 in the other two) are folded into neighbouring
-multiplications, as each class's docstring derives, and ``Tap`` points record the quantities
-of ANGPT.md for ``tools/measure_norms.py``. Tensors are
+block calls a component chosen by the architecture's ``ArchSpec`` (``arch.py``); the spec's
+constant factors ``nu`` (``factors.Factors``: anGPT's, all 1 in the other two) are folded into
+neighbouring multiplications, as each class's docstring derives, and ``Tap`` points record the
+quantities of ANGPT.md for ``tools/measure_norms.py``. Tensors are
 ``(batch, seq, ...)``; under tensor parallelism a rank computes ``H / tp`` heads, ``f / tp``
 MLP units and ``V / tp`` logits, through megatron-core's parallel layers (``layers.py``).
 The model itself contains no process-group code.
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
-from an_megatron.model.arch import ARCH_SPECS, ArchSpec
+from an_megatron.model.arch import ArchSpec
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.attention import attention, attention_with_exact_nu_att, visible_keys
-from an_megatron.model.factors import nu_act, nu_att_dense, nu_att_gaussian, nu_linear
+from an_megatron.model.factors import nu_att_dense, nu_att_gaussian
 from an_megatron.model.layers import column_parallel, row_parallel, vocab_embedding
 from an_megatron.model.scales import Tap
 
@@ -73,23 +73,21 @@ class Attention(nn.Module):
         d, dh = config.hidden_size, config.head_dim
         self.local_heads = config.num_attention_heads // config.tensor_model_parallel_size
         self.head_dim, self.rope_theta = dh, config.rope_theta
+        self.factors = spec.factors(config)
         self.qkv = column_parallel(config, f"layers.{layer}.attention.qkv", d, 3 * d, stride=3)
-        self.nu_qkv = nu_linear(d, dh) if spec.factors else 1.0
         self.qk_norm = spec.qk_norm(config)
         self.softmax_scale = spec.softmax_scale(dh)
-        self.nu_att = config.nu_att if spec.factors else "none"
-        self.factors = spec.factors
         self.proj = row_parallel(config, f"layers.{layer}.attention.proj", d, d)
-        self.nu_o = nu_linear(dh, d) if spec.factors else 1.0
         self.tap_q, self.tap_k, self.tap_v, self.tap_heads, self.tap_out = Tap(), Tap(), Tap(), Tap(), Tap()
 
     def forward(self, h: torch.Tensor, position_ids=None, document_ids=None) -> torch.Tensor:
         b, s, _ = h.shape
+        nu_qkv, nu_o = self.factors.nu_qkv, self.factors.nu_o
         q, k, v = self.qkv(h)[0].view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
-        self.tap_q(q, self.nu_qkv), self.tap_k(k, self.nu_qkv), self.tap_v(v, self.nu_qkv)
+        self.tap_q(q, nu_qkv), self.tap_k(k, nu_qkv), self.tap_v(v, nu_qkv)
         q, k = self.qk_norm(apply_rope(q, self.rope_theta, position_ids), apply_rope(k, self.rope_theta, position_ids))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d_h) for the kernels
-        if self.nu_att == "exact":
+        if self.factors.nu_att == "exact":
             o, nu = attention_with_exact_nu_att(q, k, v, self.softmax_scale, document_ids)
             nu = nu.transpose(1, 2)  # (b, s, heads, 1)
         else:
@@ -97,17 +95,18 @@ class Attention(nn.Module):
             nu = self._nu_att(document_ids, s, o.device)
             nu = nu.to(o.dtype) if torch.is_tensor(nu) else nu  # computed in fp32; keep bf16 activations bf16
         o = o.transpose(1, 2)  # (b, s, heads, d_h)
-        self.tap_heads(o, self.nu_qkv * nu)
-        if self.factors:  # nu_att with the constants (linear through the average and W_o): one pass
-            o = o * (self.nu_qkv * self.nu_o * nu)
+        self.tap_heads(o, nu_qkv * nu)
+        factor = nu_qkv * nu_o * nu  # nu_att with the constants (linear through the average and W_o)
+        if torch.is_tensor(factor) or factor != 1.0:  # no pass for nGPT and GPT+ (all factors 1)
+            o = o * factor
         return self.tap_out(self.proj(o.reshape(b, s, -1))[0])
 
     def _nu_att(self, document_ids, s: int, device):
         """The predicted ``nu_att`` per query (and head), broadcastable to ``(b, s, heads, 1)``."""
-        if self.nu_att == "none":
+        if self.factors.nu_att == "none":
             return 1.0
         t = visible_keys(document_ids, s, device)  # (s,) or (b, s)
-        if self.nu_att == "dense":
+        if self.factors.nu_att == "dense":
             return nu_att_dense(t.float())[..., None, None]
         # gaussian: a constant in backward, like every factor (no gradient into s_qk through it)
         with torch.no_grad():
@@ -125,20 +124,19 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, spec: ArchSpec, layer: int):
         super().__init__()
         d, f = config.hidden_size, config.ffn_hidden_size
+        self.factors = spec.factors(config)
+        nu_uz, nu_act, nu_down = self.factors.nu_uz, self.factors.nu_act, self.factors.nu_down
         self.up_gate = column_parallel(config, f"layers.{layer}.mlp.up_gate", d, 2 * f, stride=2)
-        self.nu_uz = nu_linear(d, f) if spec.factors else 1.0
-        self.nu_down = nu_linear(f, d) if spec.factors else 1.0
-        u_factor = self.nu_uz * (nu_act(d, f) if spec.factors else 1.0) * self.nu_down
-        self.gate_scales = spec.gate_scales(config, u_factor=u_factor, z_factor=self.nu_uz)
+        self.gate_scales = spec.gate_scales(config, u_factor=nu_uz * nu_act * nu_down, z_factor=nu_uz)
         self.down = row_parallel(config, f"layers.{layer}.mlp.down", f, d)
         self.tap_u, self.tap_act, self.tap_out = Tap(tp_sharded=True), Tap(tp_sharded=True), Tap()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u, z = self.up_gate(h)[0].chunk(2, dim=-1)
-        self.tap_u(u, self.nu_uz)
+        self.tap_u(u, self.factors.nu_uz)
         u, z = self.gate_scales(u, z)
         a = u * F.silu(z)
-        self.tap_act(a, 1.0 / self.nu_down)
+        self.tap_act(a, 1.0 / self.factors.nu_down)
         return self.tap_out(self.down(a)[0])
 
 
@@ -201,7 +199,7 @@ class GPTModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        spec = ARCH_SPECS[config.arch]
+        spec = config.spec
         self.embedding = Embedding(config)
         self.layers = nn.ModuleList(Block(config, spec, i) for i in range(config.num_layers))
         self.head = Head(config, spec)

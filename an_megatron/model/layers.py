@@ -35,14 +35,12 @@ def parallel_config(config: ModelConfig) -> ModelParallelConfig:
 
 
 def _init_method(config: ModelConfig, name: str, norm_dim: int):
-    """Initializer for the full matrix ``name``: unit-norm vectors along ``norm_dim`` (anGPT,
-    nGPT), or N(0, init_std^2) (GPT+)."""
-    unit = config.arch != "gptplus"
+    """Initializer for the full matrix ``name``: the architecture's ``init`` (unit-norm vectors
+    along ``norm_dim`` for anGPT and nGPT, N(0, init_std^2) for GPT+) of a draw seeded by name."""
 
     def init(master: torch.Tensor) -> None:
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(name.encode()))
-        w = torch.randn(master.shape, generator=gen, dtype=torch.float32)
-        w = w / w.norm(dim=norm_dim, keepdim=True) if unit else w * config.init_std
+        w = config.spec.init(torch.randn(master.shape, generator=gen, dtype=torch.float32), norm_dim, config)
         with torch.no_grad():
             master.copy_(w)
 

@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 
-from an_megatron.model.arch import ARCH_SPECS
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.gpt import Block, Embedding, Head, lm_loss
 from an_megatron.parallel.groups import deepspeed_topology
@@ -70,7 +69,7 @@ class PipelineHead(Head):
 
 def layer_specs(config: ModelConfig) -> list[LayerSpec]:
     """The model as pipeline layers: index 0 the embedding, 1..L the blocks, L+1 the head."""
-    spec = ARCH_SPECS[config.arch]
+    spec = config.spec
     return (
         [LayerSpec(PipelineEmbedding, config)]
         + [LayerSpec(PipelineBlock, config, spec, i) for i in range(config.num_layers)]

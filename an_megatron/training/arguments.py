@@ -1,8 +1,8 @@
 """Training flags: Megatron's names, merged with DeepSpeed's own, and the ds.json reconciliation.
 
-Per-architecture defaults follow the paper: anGPT and nGPT train with Adam, no weight decay and
-no warm-up; GPT+ with AdamW, weight decay 0.1 (matrices only) and a linear warm-up. A flag given
-explicitly always wins.
+Per-architecture defaults (``ArchSpec.optimizer``) follow the paper: anGPT and nGPT train with
+Adam, no weight decay and no warm-up; GPT+ with AdamW, weight decay 0.1 (matrices only) and a
+linear warm-up. A flag given explicitly always wins.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import re
 
 from an_megatron.data.arguments import add_data_args
+from an_megatron.model.arch import ARCH_SPECS
 from an_megatron.model.arguments import add_model_args
 from an_megatron.optim.schedules import DECAY_STYLES
 
@@ -77,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fill_arch_defaults(args) -> None:
-    gptplus = args.arch == "gptplus"
+    defaults = ARCH_SPECS[args.arch].optimizer
     if args.weight_decay is None:
-        args.weight_decay = 0.1 if gptplus else 0.0
+        args.weight_decay = defaults.weight_decay
     if args.lr_warmup_iters is None:
-        args.lr_warmup_iters = min(2000, args.train_iters // 10) if gptplus else 0
+        args.lr_warmup_iters = defaults.warmup_iters(args.train_iters)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
 
