@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import queue as queue_module
-import socket
 import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
+
+from an_megatron.parallel.groups import free_port, local_rank_env
 
 
 def parse_args(argv=None):
@@ -88,8 +89,7 @@ def _floor_ms(numel: int, width: int, reps: int = 10) -> float:
 
 
 def _rank_main(rank, args, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(args.world_size), LOCAL_RANK=str(rank))
+    os.environ.update(local_rank_env(rank, args.world_size, port))
     torch.set_num_threads(args.threads)
     import logging
 
@@ -145,12 +145,6 @@ def _worker(rank, args, port, queue):
     queue.put((rank, _rank_main(rank, args, port)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _median_ms(rows, i):
     return 1e3 * statistics.median(r[i] for r in rows)
 
@@ -160,7 +154,7 @@ def main(argv=None):
     load = os.getloadavg()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, args, port, queue)) for r in range(args.world_size)]
     for p in procs:
         p.start()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -10,16 +9,11 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from an_megatron.parallel.groups import free_port, local_rank_env
 
 
 def _worker(rank, world_size, port, fn, args, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(local_rank_env(rank, world_size, port))
     torch.set_num_threads(1)
     try:
         result = fn(*args)
@@ -40,7 +34,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
     ``fn`` must be a module-level function; it calls ``initialize_parallel`` itself.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size,
+        ctx = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
                                  join=False, start_method="spawn")
         try:
             deadline = time.monotonic() + timeout

@@ -7,13 +7,13 @@ in a child process (``PROBE``) to watch the real optimizer step from inside."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from an_megatron.parallel.groups import free_port, local_rank_env
 from test_training import MOCK, ROOT, TINY, corpus, run  # noqa: F401  (corpus is a fixture)
 
 FP32 = ["--deepspeed_config", "examples/ds_fp32.json"]
@@ -336,22 +336,15 @@ def test_clip_grad_bounds_the_applied_gradient(case, tmp_path):
 
 # ---- B5. refused configurations leave nothing behind ------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(args, nproc, timeout=240, env=None):
     """The entry point on ``nproc`` ranks (the launcher's environment, without a launcher whose own
     messages would mix in); returns one CompletedProcess per rank."""
     if nproc == 1:
         return [run(args, timeout=timeout, env=env)]
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "pretrain_angpt.py"), *args],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                   "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc)})
+                              env={**os.environ, **(env or {}), **local_rank_env(r, nproc, port)})
              for r in range(nproc)]
     results = []
     try:

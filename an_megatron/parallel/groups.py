@@ -18,6 +18,23 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a world of local processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What a launcher (``deepspeed``, ``torchrun``) sets for ``rank`` of ``world_size`` local
+    processes, and ``initialize_parallel`` reads: for tests, tools and benchmarks that spawn
+    their own ranks."""
+    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                LOCAL_RANK=str(rank))
+
+
 def default_backend() -> str:
     """nccl when this process has a GPU, gloo otherwise (CPU development and CI)."""
     return "nccl" if torch.cuda.is_available() else "gloo"
