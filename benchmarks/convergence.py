@@ -23,14 +23,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import paper  # noqa: E402  (benchmarks/, this script's directory)
 from an_megatron.model.config import ModelConfig  # noqa: E402
-from an_megatron.training.run_analysis import (  # noqa: E402
-    median_step_time,
-    read_metrics,
-    step_speedup,
-    steps_to_reach,
-    val_curve,
-)
+from an_megatron.training.metrics import read_metrics  # noqa: E402
+from run_analysis import median_step_time, step_speedup, steps_to_reach, val_curve  # noqa: E402
 
 ARCHS = ("gptplus", "ngpt", "angpt")
 # Chosen so the whole benchmark (12 sweep runs + 5 ablations, one process each) fits in about an
@@ -144,15 +140,14 @@ def markdown(summary: dict) -> str:
     def f(x, fmt=".4f"):
         return "n/a" if x is None else ("diverged" if x == math.inf else format(x, fmt))
 
-    paper = {"gptplus": ("1", "1"), "ngpt": ("1.29", "1.096"), "angpt": ("1.40", "1.0275")}
     lines = ["| arch | best lr | final val loss | steps to GPT+'s final loss | step speedup vs GPT+ (paper) "
              "| step time ratio vs GPT+ (paper) |", "| --- | --- | --- | --- | --- | --- |"]
     for a in summary["best_lr"]:
         lines.append(
             f"| {a} | {summary['best_lr'][a]:g} | {f(summary['final_val_loss'][a])} "
             f"| {f(summary['steps_to_gptplus_final'].get(a), '.0f')} "
-            f"| {f(summary['steps_speedup_vs_gptplus'].get(a), '.2f')} ({paper[a][0]}) "
-            f"| {f(summary['step_time_ratio_vs_gptplus'].get(a), '.3f')} ({paper[a][1]}) |")
+            f"| {f(summary['steps_speedup_vs_gptplus'].get(a), '.2f')} ({paper.STEP_SPEEDUP[a]}) "
+            f"| {f(summary['step_time_ratio_vs_gptplus'].get(a), '.3f')} ({paper.STEP_TIME_RATIO[a]}) |")
     lrs = sorted({lr for v in summary["lr_sensitivity"].values() for lr in v}, key=float)
     lines += ["", "Final validation loss across the learning-rate sweep:", "",
               "| arch | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]

@@ -19,7 +19,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from an_megatron.training.run_analysis import read_metrics  # noqa: E402
+import paper  # noqa: E402  (benchmarks/, this script's directory)
+from an_megatron.training.metrics import read_metrics  # noqa: E402
 
 ARCHS = ("gptplus", "ngpt", "angpt")
 
@@ -51,9 +52,8 @@ def main():
           f"{args.rounds} rounds x {args.iters} iterations, median of 5-iteration windows")
     print("| arch | median step (ms) | ratio to GPT+ | paper (A100) |")
     print("| --- | --- | --- | --- |")
-    paper = {"gptplus": "1", "ngpt": "1.096", "angpt": "1.0275"}
     for a in ARCHS:
-        print(f"| {a} | {med[a] * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | {paper[a]} |")
+        print(f"| {a} | {med[a] * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | {paper.STEP_TIME_RATIO[a]} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import paper  # benchmarks/, this script's directory
 from an_megatron.model import ARCHS, GPTModel, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
 from an_megatron.parallel import destroy_parallel, initialize_parallel
@@ -100,10 +101,9 @@ def main():
           f"{platform.processor() or platform.machine()}")
     print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
     print("| --- | --- | --- | --- | --- |")
-    paper = {"gptplus": "1", "ngpt": "1.096", "angpt": "1.0275"}
     for a in models:
         print(f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | "
-              f"{paper.get(a, '')} |")
+              f"{paper.STEP_TIME_RATIO.get(a, '')} |")
 
 
 if __name__ == "__main__":

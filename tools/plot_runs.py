@@ -10,7 +10,7 @@ import itertools
 import os
 import sys
 
-from an_megatron.training.run_analysis import read_metrics
+from an_megatron.training.metrics import read_metrics
 
 
 def plot(paths: list[str], labels: list[str], output: str, title: str | None = None) -> None:

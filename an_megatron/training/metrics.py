@@ -123,3 +123,19 @@ class MetricsSink:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def read_metrics(path: str) -> dict:
+    """``{"train": [...], "eval": [...]}`` records of one run's ``--metrics-file``. A line that
+    is not JSON is an error naming the file and line."""
+    train, evals = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: not a JSON record") from None
+            (evals if "val_loss" in r else train).append(r)
+    return {"train": train, "eval": evals}

@@ -1,29 +1,12 @@
-"""Reading training runs back from their metrics JSONL, and comparing convergence.
+"""Comparing the convergence of training runs, from their metrics (``metrics.read_metrics``).
 
 The paper's headline number is a step ratio: how many steps a model needs to reach the final
 validation loss of the GPT+ baseline, relative to GPT+'s own steps.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
-
-
-def read_metrics(path: str) -> dict:
-    """``{"train": [...], "eval": [...]}`` records of one run's ``--metrics-file``. A line that
-    is not JSON is an error naming the file and line."""
-    train, evals = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not a JSON record") from None
-            (evals if "val_loss" in r else train).append(r)
-    return {"train": train, "eval": evals}
 
 
 def val_curve(metrics: dict) -> list[tuple[int, float]]:
