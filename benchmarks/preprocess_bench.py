@@ -22,14 +22,8 @@ try:
 except ImportError:
     raise SystemExit("this benchmark needs psutil: pip install psutil") from None
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KJV = os.path.join(REPO, "examples", "data", "kjv.jsonl.gz")
-
-
-def tool_env() -> dict:
-    """The repository importable whether or not `pip install -e .` is current; no warnings."""
-    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from test_data_support import KJV, REPO, tool_env  # noqa: E402  (the tests run the tools the same way)
 
 
 def make_corpus(path: str, min_bytes: int) -> int:

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/test_data_*.py files (no tests here)."""
+"""Helpers shared by the tests/test_data_*.py files and benchmarks/preprocess_bench.py (no tests here)."""
 import gzip
 import json
 import os
