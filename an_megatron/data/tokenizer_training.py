@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 from an_megatron.data.errors import DataError
 from an_megatron.data.preprocess import BadLine, expand_input_paths, open_binary_lines, parse_json_line
-
-CONTROL_SYMBOLS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
+from an_megatron.data.tokenizers import MEGATRON_SP_SPECIALS
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _WORDS = re.compile(r"\S+\s*|\s+")
 
@@ -137,7 +136,7 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int,
             split_digits=True,
             allow_whitespace_only_pieces=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            control_symbols=list(CONTROL_SYMBOLS),
+            control_symbols=list(MEGATRON_SP_SPECIALS),  # so Megatron's tokenizer appends none
             num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=0 if verbose else 2,
         )
