@@ -61,7 +61,7 @@ class _Masters:
         self.wrapper = wrapper
 
     def lp_groups(self) -> list[list[torch.nn.Parameter]]:
-        raise NotImplementedError
+        return ds_compat.model_param_groups(self.wrapper)
 
     def fragments(self, masters: list[torch.Tensor]) -> tuple[list[Fragment], object]:
         raise NotImplementedError
@@ -86,9 +86,6 @@ class _UnfusedMasters(_Masters):
 
     name = "stage0-unfused"
 
-    def lp_groups(self):
-        return ds_compat.model_param_groups(self.wrapper)
-
     def fragments(self, masters):
         lp_of = {id(hp): lp for hps, lps in zip(ds_compat.fp32_masters(self.wrapper), self.lp_groups())
                  for hp, lp in zip(hps, lps)}
@@ -110,9 +107,6 @@ class _FusedFlatMasters(_Masters):
         if ds_compat.uses_legacy_fusion(wrapper):
             raise NotImplementedError("norm bound with legacy_fusion: the fp16 weights bypass the masters")
         super().__init__(wrapper)
-
-    def lp_groups(self):
-        return ds_compat.model_param_groups(self.wrapper)
 
     def fragments(self, masters):
         frags = []
@@ -137,9 +131,6 @@ class _HpMappedMasters(_Masters):
         super().__init__(wrapper)
         self.name = name
 
-    def lp_groups(self):
-        return ds_compat.model_param_groups(self.wrapper)
-
     def fragments(self, masters):
         frags, groups = [], []
         for hp in masters:
@@ -147,7 +138,7 @@ class _HpMappedMasters(_Masters):
             groups.append(ds_compat.master_dp_group(self.wrapper, i))
             for lp in constrained_parameters(self.lp_groups()[i]):
                 at = ds_compat.hp_fragment(lp)
-                if at is None:  # this rank holds nothing of lp: an empty piece of the master (right device and dtype)
+                if at is None:  # none of lp here: an empty piece of the master (right device and dtype)
                     frags.append(Fragment(hp.detach()[:0], 0, tuple(lp.shape), lp.norm_constraint))
                     continue
                 piece = hp.detach().narrow(0, at.offset, at.numel)
@@ -162,9 +153,6 @@ class _Stage3Masters(_Masters):
 
     name = "zero-3"
     dp_partitioned = True
-
-    def lp_groups(self):
-        return ds_compat.model_param_groups(self.wrapper)
 
     def fragments(self, masters):
         frags, groups = [], []
