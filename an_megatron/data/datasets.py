@@ -23,29 +23,27 @@ from an_megatron.data.tokenizers import TokenizerWithEod
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """Megatron's --data-path: `prefix`, `prefix1 prefix2 ...`, or `w1 prefix1 w2 prefix2 ...`."""
+    """Megatron's --data-path: `prefix`, `prefix1 prefix2 ...`, or `w1 prefix1 w2 prefix2 ...`,
+    read by megatron-core's `get_blend_from_list`. A list it would misread (a weight without a
+    prefix, a number where a prefix belongs) or weights that cannot blend are refused here."""
     if not data_path:
         raise DataError("--data-path is required (or --mock-data for synthetic tokens)")
 
-    def as_weight(text):
+    def is_weight(text):
         try:
-            return float(text)
+            float(text)
+            return True
         except ValueError:
-            return None
+            return False
 
-    weights = [as_weight(item) for item in data_path]
-    if all(w is None for w in weights):
-        return list(data_path), None
-    pairs_ok = (len(data_path) % 2 == 0
-                and all(w is not None for w in weights[0::2])
-                and all(w is None for w in weights[1::2]))
-    if not pairs_ok:
+    weighted = [is_weight(item) for item in data_path]
+    if any(weighted) and (len(data_path) % 2 or not all(weighted[0::2]) or any(weighted[1::2])):
         raise DataError(f"--data-path {' '.join(data_path)}: expected one or more prefixes, or "
                         f"pairs 'weight prefix weight prefix ...'")
-    blend_weights = weights[0::2]
-    if any(w < 0 for w in blend_weights) or sum(blend_weights) <= 0:
-        raise DataError(f"--data-path weights {blend_weights}: must be >= 0 with a positive sum")
-    return list(data_path[1::2]), blend_weights
+    prefixes, weights = import_megatron_core("megatron.core.datasets.utils").get_blend_from_list(list(data_path))
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise DataError(f"--data-path weights {weights}: must be >= 0 with a positive sum")
+    return prefixes, weights
 
 
 def document_ids(tokens: "torch.Tensor", eod: int) -> "torch.Tensor":
