@@ -87,7 +87,7 @@ def test_consolidated_layout_equals_single_process(layout, ckpts, reference):
 def test_bf16_consolidates_the_fp32_masters(ckpts):
     """PP=2 ZeRO-1 bf16: the result is ZeRO's fp32 masters (mapped from the pipeline's names), which
     round to exactly the bf16 weights the model holds, and are not themselves bf16 values."""
-    from an_megatron.parallel.pipeline import gpt_state_dict_from_layer_files
+    from an_megatron.training.checkpointing import gpt_state_dict_from_layer_files
     from an_megatron.training.convert import consolidate
 
     got = consolidate(str(ckpts / "pp2-zero1-bf16"))

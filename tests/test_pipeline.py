@@ -156,7 +156,7 @@ def test_pp2_angpt_matches_single_process(tmp_path):
         if w.ndim == 2:
             assert w.norm(dim=1).max() < 1 + 1e-5, name
     # DeepSpeed's per-layer checkpoint files convert to GPTModel's names
-    from an_megatron.parallel.pipeline import gpt_state_dict_from_layer_files
+    from an_megatron.training.checkpointing import gpt_state_dict_from_layer_files
 
     saved = gpt_state_dict_from_layer_files(os.path.join(tmp_path, "final"), SHAPE["num_layers"])
     for name, w in ref["weights"].items():

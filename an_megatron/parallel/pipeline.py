@@ -22,13 +22,12 @@ Only the first and the last stage read from the iterator (others may pass ``None
 masked token mean) and over data-parallel replicas.
 
 Names: ``PipelineModule`` registers layer ``i`` as ``"{i}"``, so its parameters are
-``"{i}.<name inside the layer>"``; a DeepSpeed checkpoint stores layer ``i`` of tensor rank
-``t`` as ``layer_{i:02d}-model_{t:02d}-model_states.pt`` with the names inside the layer.
-``gpt_param_name`` / ``pipeline_param_name`` convert between these and ``GPTModel``'s names.
+``"{i}.<name inside the layer>"``; ``gpt_param_name`` / ``pipeline_param_name`` convert between
+these and ``GPTModel``'s names, ``gpt_name_in_layer`` names what one layer holds (the files a
+pipeline checkpoint stores per layer are read in ``training/checkpointing.py``).
 """
 from __future__ import annotations
 
-import os
 import re
 
 import deepspeed
@@ -39,6 +38,9 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.gpt import Block, Embedding, Head, lm_loss
 from an_megatron.parallel.groups import deepspeed_topology
+# Checkpoint files live in training/checkpointing.py; re-exported for training/convert.py, which
+# imports them from here.
+from an_megatron.training.checkpointing import gpt_state_dict_from_layer_files, layer_file_name  # noqa: F401
 
 PARTITION_METHOD = "type:Block"
 
@@ -169,19 +171,3 @@ def pipeline_param_name(gpt_name: str, num_layers: int) -> str:
         return f"{int(m.group(1)) + 1}.{m.group(2)}"
     raise ValueError(f"not a GPTModel parameter name for {num_layers} blocks: {gpt_name!r}")
 
-
-def layer_file_name(layer_index: int, tp_rank: int = 0) -> str:
-    """The file DeepSpeed's ``PipelineModule.save_state_dict`` writes for one layer and tensor
-    rank (``ckpt_layer_path`` with our topology's axes; the data axis is omitted)."""
-    return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
-
-
-def gpt_state_dict_from_layer_files(checkpoint_dir: str, num_layers: int, tp_rank: int = 0) -> dict:
-    """One tensor rank's ``GPTModel`` state dict from a DeepSpeed pipeline checkpoint directory
-    (``<save_dir>/<tag>``), whatever the pipeline size it was saved with."""
-    state = {}
-    for layer_index in range(num_layers + 2):
-        path = os.path.join(checkpoint_dir, layer_file_name(layer_index, tp_rank))
-        for name, value in torch.load(path, map_location="cpu", weights_only=False).items():
-            state[gpt_name_in_layer(layer_index, name, num_layers)] = value
-    return state

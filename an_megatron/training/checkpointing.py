@@ -3,7 +3,8 @@
 Layout (Megatron-DeepSpeed's): ``{save}/iter_0000100/`` holds DeepSpeed's files for that
 iteration and ``an_megatron.json`` (model config, iteration, consumed samples); ``{save}/latest``
 names the newest complete one. The pointer is replaced atomically and only after every rank
-has finished writing, so a crash during a save leaves the previous checkpoint loadable.
+has finished writing, so a crash during a save leaves the previous checkpoint loadable. Under
+pipeline parallelism DeepSpeed writes one file per layer and tensor rank (``layer_file_name``).
 """
 from __future__ import annotations
 
@@ -121,3 +122,22 @@ def load_checkpoint(engine, load_dir: str, config: ModelConfig, load_optim: bool
     if load_rng and client_state and "rng" in client_state:
         _set_rng_state(client_state["rng"])
     return meta["iteration"], meta["consumed_samples"]
+
+
+def layer_file_name(layer_index: int, tp_rank: int = 0) -> str:
+    """The file DeepSpeed's ``PipelineModule.save_state_dict`` writes for one layer and tensor
+    rank (``ckpt_layer_path`` with our topology's axes; the data axis is omitted)."""
+    return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def gpt_state_dict_from_layer_files(checkpoint_dir: str, num_layers: int, tp_rank: int = 0) -> dict:
+    """One tensor rank's ``GPTModel`` state dict from a DeepSpeed pipeline checkpoint directory
+    (``<save_dir>/<tag>``), whatever the pipeline size it was saved with."""
+    from an_megatron.parallel.pipeline import gpt_name_in_layer  # here: pipeline imports this module
+
+    state = {}
+    for layer_index in range(num_layers + 2):
+        path = os.path.join(checkpoint_dir, layer_file_name(layer_index, tp_rank))
+        for name, value in torch.load(path, map_location="cpu", weights_only=False).items():
+            state[gpt_name_in_layer(layer_index, name, num_layers)] = value
+    return state
