@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from an_megatron.parallel.groups import free_port, local_rank_env
+from an_megatron.parallel.tensor_parallel import gather_tp_tensor, is_tp_sharded
 
 
 def _worker(rank, world_size, port, fn, args, out_dir):
@@ -50,3 +51,16 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
                 if p.is_alive():
                     p.kill()
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def full_named_tensors(module: torch.nn.Module, group, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its gradient) of ``module`` as the full, unsharded tensor."""
+    out = {}
+    for name, p in module.named_parameters():
+        t = p.grad if grads else p.data
+        if t is None:
+            continue
+        if is_tp_sharded(p):
+            t = gather_tp_tensor(t, p.partition_dim, p.partition_stride, group)
+        out[name] = t.detach().clone()
+    return out

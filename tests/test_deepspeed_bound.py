@@ -9,7 +9,7 @@ file section share one spawn: starting a process that imports DeepSpeed takes ~1
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import full_named_tensors, run_distributed
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
 GLOBAL_BATCH, STEPS, PUSH = 4, 5, 1.5
@@ -124,7 +124,6 @@ def _full_weights(engine):
     import deepspeed
 
     from an_megatron.parallel import tp_group
-    from an_megatron.parallel.tensor_parallel import full_named_tensors
 
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):

@@ -299,7 +299,7 @@ TP_SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_
 def _tp_loss_and_grads(tp, extra, exact_matmul):
     from an_megatron.model import linear_impl as impl
     from an_megatron.parallel import initialize_parallel, tp_group
-    from an_megatron.parallel.tensor_parallel import full_named_tensors
+    from distributed import full_named_tensors
 
     if exact_matmul:  # the FP8 layers' plumbing with an exact local product: TP must match TP=1 exactly
         impl.fp8_linear = lambda x, w, scaling: F.linear(x, w)

@@ -2,15 +2,25 @@
 import pytest
 import torch
 
-from an_megatron.optim.norm_bound import (
-    Fragment,
-    NormConstraint,
-    bound_row_norms_,
-    constrain_fragments_,
-    normalize_norms_,
-    partial_sq_norms,
-)
+from an_megatron.optim.norm_bound import Fragment, NormConstraint, constrain_fragments_, partial_sq_norms
 from distributed import run_distributed
+
+
+@torch.no_grad()
+def bound_row_norms_(weight: torch.Tensor, max_norm: float = 1.0, tp_group=None) -> torch.Tensor:
+    """anGPT's bound on one weight: ``w_i <- w_i / max(1, ||w_i||)`` for each row. With
+    ``tp_group``, rows are split over that group and whole-row norms are used."""
+    c = NormConstraint("bound", dim=1, tp_split=tp_group is not None, max_norm=max_norm)
+    constrain_fragments_([Fragment(weight, 0, tuple(weight.shape), c)], tp_group=tp_group)
+    return weight
+
+
+@torch.no_grad()
+def normalize_norms_(weight: torch.Tensor, dim: int = 1, tp_group=None) -> torch.Tensor:
+    """nGPT's exact normalization of each row (``dim=1``) or column (``dim=0``) to unit norm."""
+    c = NormConstraint("normalize", dim=dim, tp_split=tp_group is not None)
+    constrain_fragments_([Fragment(weight, 0, tuple(weight.shape), c)], tp_group=tp_group)
+    return weight
 
 
 def test_bound_scales_long_rows_and_leaves_short_rows():

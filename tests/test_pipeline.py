@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import full_named_tensors, run_distributed
 
 SHAPE = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256, seq_length=32)
 MICRO_BATCH_SIZE, MICRO_BATCHES, STEPS = 2, 2, 5
@@ -61,7 +61,6 @@ def _reference(arch, documents=False):
     from an_megatron.model import GPTModel, ModelConfig
     from an_megatron.optim import constrain_parameters_
     from an_megatron.parallel import initialize_parallel, tp_group
-    from an_megatron.parallel.tensor_parallel import full_named_tensors
 
     initialize_parallel(1, 1)
     model = GPTModel(ModelConfig(arch=arch, **SHAPE))
@@ -92,7 +91,6 @@ def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0, doc
     from an_megatron.optim import constrain_parameters_
     from an_megatron.parallel import initialize_parallel, tp_group
     from an_megatron.parallel.pipeline import build_pipeline_module, gpt_param_name, pipeline_batch
-    from an_megatron.parallel.tensor_parallel import full_named_tensors
 
     initialize_parallel(tp, pp)
     config = ModelConfig(arch=arch, tensor_model_parallel_size=tp, **SHAPE)

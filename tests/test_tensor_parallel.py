@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import full_named_tensors, run_distributed
 
 ARCHS = ["angpt", "ngpt", "gptplus"]
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
@@ -12,7 +12,7 @@ def _train(arch, tp, nu_att="gaussian", documents=False):
     from an_megatron.model import GPTModel, ModelConfig
     from an_megatron.optim import constrain_parameters_
     from an_megatron.parallel import initialize_parallel, tp_group
-    from an_megatron.parallel.tensor_parallel import full_named_tensors, gather_tp_tensor
+    from an_megatron.parallel.tensor_parallel import gather_tp_tensor
 
     initialize_parallel(tp, 1)
     torch.manual_seed(0)

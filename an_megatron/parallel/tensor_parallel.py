@@ -36,16 +36,3 @@ def shard_tp_tensor(full: torch.Tensor, partition_dim: int, stride: int, rank: i
     """This rank's shard of ``full`` (the inverse of ``gather_tp_tensor``)."""
     parts = full.chunk(stride, dim=partition_dim)
     return torch.cat([p.chunk(world, dim=partition_dim)[rank] for p in parts], dim=partition_dim).clone()
-
-
-def full_named_tensors(module: torch.nn.Module, group, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Every parameter (or its gradient) of ``module`` as the full, unsharded tensor."""
-    out = {}
-    for name, p in module.named_parameters():
-        t = p.grad if grads else p.data
-        if t is None:
-            continue
-        if is_tp_sharded(p):
-            t = gather_tp_tensor(t, p.partition_dim, p.partition_stride, group)
-        out[name] = t.detach().clone()
-    return out
