@@ -4,6 +4,7 @@
     python benchmarks/step_time.py                 # d=512, 4 layers, 8 heads, T=256, batch 8
     python benchmarks/step_time.py --profile angpt # where anGPT's time goes (torch.profiler)
     python benchmarks/step_time.py --compare-nu-att # anGPT under each --nu-att option, and GPT+
+    python benchmarks/step_time.py --document-length 64 --compare-masking  # the cost of document masking
 
 Interleaving (one step of each architecture per round) exposes all three to the same machine
 state, so the ratios are fair even when absolute times drift. Prints a markdown table.
@@ -36,6 +37,8 @@ def main():
     p.add_argument("--nu-att", default=ModelConfig.nu_att)
     p.add_argument("--document-length", type=int, default=0,
                    help="pack documents of about this many tokens per sequence, with document masking")
+    p.add_argument("--compare-masking", action="store_true",
+                   help="with --document-length: time GPT+ and anGPT with and without document masking")
     p.add_argument("--compare-nu-att", action="store_true",
                    help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures")
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
@@ -52,11 +55,15 @@ def main():
     torch.manual_seed(0)
     shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                  vocab_size=args.vocab_size, seq_length=args.seq_length)
+    masked = bool(args.document_length)
     if args.compare_nu_att:
-        variants = {"gptplus": ("gptplus", args.nu_att), **{f"angpt nu_att={o}": ("angpt", o) for o in NU_ATT_OPTIONS}}
+        variants = {"gptplus": ("gptplus", args.nu_att, masked),
+                    **{f"angpt nu_att={o}": ("angpt", o, masked) for o in NU_ATT_OPTIONS}}
+    elif args.compare_masking:
+        variants = {f"{a}{' masked' if m else ''}": (a, args.nu_att, m) for a in ("gptplus", "angpt") for m in (False, True)}
     else:
-        variants = {a: (a, args.nu_att) for a in ARCHS}
-    models = {name: GPTModel(ModelConfig(arch=a, nu_att=o, **shape)) for name, (a, o) in variants.items()}
+        variants = {a: (a, args.nu_att, masked) for a in ARCHS}
+    models = {name: GPTModel(ModelConfig(arch=a, nu_att=o, **shape)) for name, (a, o, _) in variants.items()}
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_length + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     masking = {}
@@ -67,20 +74,21 @@ def main():
         docs = starts.long().cumsum(1)
         masking = dict(document_ids=docs, position_ids=visible_keys(docs, args.seq_length, docs.device) - 1)
 
-    def step(model):
+    def step(name):
+        model = models[name]
         model.zero_grad(set_to_none=True)
         t0 = clock()
-        model.loss(inputs, labels, **masking).backward()
+        model.loss(inputs, labels, **(masking if variants[name][2] else {})).backward()
         return clock() - t0
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         for _ in range(args.warmup):
-            step(models[args.profile])
+            step(args.profile)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
-                step(models[args.profile])
+                step(args.profile)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         destroy_parallel()
         return
@@ -88,7 +96,7 @@ def main():
     times = {a: [] for a in models}
     for i in range(args.warmup + args.steps):
         for a in models:
-            t = step(models[a])
+            t = step(a)
             if i >= args.warmup:
                 times[a].append(t)
     destroy_parallel()
