@@ -11,6 +11,7 @@ or `{prefix}/cache` beside each dataset) must therefore be visible to every rank
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import numpy
 
@@ -20,6 +21,9 @@ from an_megatron.data.eod import _resolve as _resolve_eod
 from an_megatron.data.errors import DataError
 from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
 from an_megatron.data.tokenizers import TokenizerWithEod
+
+if TYPE_CHECKING:  # the data package does not import torch at import time
+    import torch
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
@@ -46,7 +50,7 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     return prefixes, weights
 
 
-def document_ids(tokens: "torch.Tensor", eod: int) -> "torch.Tensor":
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     """Which packed document each position belongs to, ``(b, s)``, numbered from 0 per sample.
 
     As in Megatron's ``--reset-attention-mask``, an end-of-document token belongs to the
