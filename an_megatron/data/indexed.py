@@ -23,7 +23,6 @@ import importlib
 import os
 import shutil
 import struct
-import warnings
 from dataclasses import dataclass
 
 import numpy
@@ -47,11 +46,10 @@ _CHECK_CHUNK = 1 << 22
 
 
 def import_megatron_core(module: str = "megatron.core.datasets.indexed_dataset"):
-    """Import a megatron-core module without its import-time warnings about missing
-    Transformer Engine and Apex, which do not concern the data path."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
-        return importlib.import_module(module)
+    """Import a megatron-core module on first use (importing the data package stays cheap).
+    Its import-time warnings about Transformer Engine and Apex are filtered once, when
+    ``an_megatron`` is imported (``megatron_patches.quiet_optional_imports``)."""
+    return importlib.import_module(module)
 
 
 def token_dtype_for_vocab(vocab_size: int) -> type:

@@ -40,7 +40,6 @@ from an_megatron.model.gpt import Block, Embedding, Head, lm_loss
 from an_megatron.parallel.groups import deepspeed_topology
 # Checkpoint files live in training/checkpointing.py; re-exported for training/convert.py, which
 # imports them from here.
-from an_megatron.training.checkpointing import gpt_state_dict_from_layer_files, layer_file_name  # noqa: F401
 
 PARTITION_METHOD = "type:Block"
 

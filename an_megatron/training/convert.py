@@ -125,7 +125,7 @@ def _zero_masters(ckpt_dir: str, mp_rank: int, stage: int, dp: int, bf16: bool,
 
 def _module_weights(ckpt_dir: str, mp_rank: int, tp_rank: int, pipelined: bool, num_layers: int) -> dict:
     """Stage 0: the module's weights (exact in fp32; no masters exist)."""
-    from an_megatron.parallel.pipeline import gpt_state_dict_from_layer_files, layer_file_name
+    from an_megatron.training.checkpointing import gpt_state_dict_from_layer_files, layer_file_name
 
     if pipelined:
         for i in range(num_layers + 2):
@@ -255,8 +255,7 @@ def _write_rank(rank: int, world: int, port: int, src: str, out_dir: str, tp: in
     from an_megatron.parallel import destroy_parallel, groups, initialize_parallel
     from an_megatron.parallel.tensor_parallel import is_tp_sharded
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(groups.local_rank_env(rank, world, port))
     torch.set_num_threads(1)
     initialize_parallel(tp, pp, backend="gloo")
     try:
@@ -299,10 +298,9 @@ def _write_rank(rank: int, world: int, port: int, src: str, out_dir: str, tp: in
 def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int) -> str:
     """Write ``consolidated_path`` as a weights-only checkpoint for TP=``tp`` x PP=``pp`` in
     ``out_dir``; returns the tag directory. Runs ``tp * pp`` local processes."""
-    import socket
-
     import torch.multiprocessing as mp
 
+    from an_megatron.parallel.groups import free_port
     from an_megatron.training.checkpointing import tag_for
 
     obj = load_consolidated(consolidated_path)
@@ -317,9 +315,6 @@ def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int) -> str:
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, tag)):
         raise ConvertError(f"{os.path.join(out_dir, tag)}: already exists; choose an empty --save directory")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_write_rank, args=(tp * pp, port, os.path.abspath(consolidated_path), out_dir, tp, pp, tag),
+    mp.start_processes(_write_rank, args=(tp * pp, free_port(), os.path.abspath(consolidated_path), out_dir, tp, pp, tag),
                        nprocs=tp * pp, join=True, start_method="spawn")
     return os.path.join(out_dir, tag)
