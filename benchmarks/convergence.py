@@ -24,9 +24,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import paper  # noqa: E402  (benchmarks/, this script's directory)
+from run_analysis import median_step_time, step_speedup, steps_to_reach, val_curve  # noqa: E402
+
 from an_megatron.model.config import ModelConfig  # noqa: E402
 from an_megatron.training.metrics import read_metrics  # noqa: E402
-from run_analysis import median_step_time, step_speedup, steps_to_reach, val_curve  # noqa: E402
 
 ARCHS = ("gptplus", "ngpt", "angpt")
 # Chosen so the whole benchmark (12 sweep runs + 5 ablations, one process each) fits in about an

@@ -20,6 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import paper  # noqa: E402  (benchmarks/, this script's directory)
+
 from an_megatron.training.metrics import read_metrics  # noqa: E402
 
 ARCHS = ("gptplus", "ngpt", "angpt")

@@ -16,9 +16,9 @@ import platform
 import statistics
 import time
 
+import paper  # benchmarks/, this script's directory
 import torch
 
-import paper  # benchmarks/, this script's directory
 from an_megatron.model import ARCHS, GPTModel, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
 from an_megatron.parallel import destroy_parallel, initialize_parallel

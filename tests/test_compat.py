@@ -5,8 +5,14 @@ import sys
 
 import pytest
 
-from an_megatron.compat import (ALLOW_UNTESTED_VERSIONS, UnsupportedVersionError, UntestedVersionWarning,
-                                check_version, installed_version, require_version)
+from an_megatron.compat import (
+    ALLOW_UNTESTED_VERSIONS,
+    UnsupportedVersionError,
+    UntestedVersionWarning,
+    check_version,
+    installed_version,
+    require_version,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

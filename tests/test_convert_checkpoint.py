@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-
 from test_training import MOCK, ROOT, TINY, losses, run
 
 # lr 1e-3: Adam turns rounding noise in near-zero gradients into weight noise of order lr * 1e-3,

@@ -9,10 +9,10 @@ import time
 from argparse import Namespace
 
 import pytest
+from test_data_support import REPO, finished_outputs, tool_env, write_jsonl
 
 from an_megatron.data import DataError, IndexedDatasetError, check_indexed_dataset
 from an_megatron.data.preprocess import preprocess
-from test_data_support import REPO, finished_outputs, tool_env, write_jsonl
 
 NULL_TOKENIZER = Namespace(tokenizer_type="NullTokenizer", vocab_size=100)
 GOOD = {"text": "1 2 3"}

@@ -5,11 +5,19 @@ import os
 
 import pytest
 import torch
-
-from an_megatron.data import (DataError, IndexedDatasetError, add_data_args, build_data_loader, document_ids,
-                              build_tokenizer, build_train_valid_test_datasets, parse_data_path)
-from an_megatron.data.preprocess import preprocess
 from test_data_support import kjv_texts, train_tiny_sentencepiece, write_jsonl
+
+from an_megatron.data import (
+    DataError,
+    IndexedDatasetError,
+    add_data_args,
+    build_data_loader,
+    build_tokenizer,
+    build_train_valid_test_datasets,
+    document_ids,
+    parse_data_path,
+)
+from an_megatron.data.preprocess import preprocess
 
 SEQ = 32
 

@@ -6,15 +6,21 @@ import re
 
 import pytest
 import torch
+from test_data_support import kjv_texts, train_tiny_sentencepiece, write_jsonl
 
-from an_megatron.data import (CompactIndexedDatasetBuilder, DataError, add_data_args,
-                              build_tokenizer, build_train_valid_test_datasets,
-                              check_indexed_dataset, resolve_eod)
+from an_megatron.data import (
+    CompactIndexedDatasetBuilder,
+    DataError,
+    add_data_args,
+    build_tokenizer,
+    build_train_valid_test_datasets,
+    check_indexed_dataset,
+    resolve_eod,
+)
 from an_megatron.data import eod as eod_module
 from an_megatron.data.indexed import document_last_tokens
 from an_megatron.data.preprocess import preprocess
 from an_megatron.data.tokenizers import TokenizerWithEod
-from test_data_support import kjv_texts, train_tiny_sentencepiece, write_jsonl
 
 SEQ = 32
 LEGACY, DEFAULT = "SentencePieceTokenizer", "GPTSentencePieceTokenizer"

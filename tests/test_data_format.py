@@ -6,10 +6,10 @@ import struct
 
 import numpy
 import pytest
+from test_data_support import run_tool, write_jsonl
 
 from an_megatron.data import IndexedDatasetError, check_indexed_dataset, open_indexed_dataset
 from an_megatron.data.indexed import CompactIndexedDatasetBuilder
-from test_data_support import run_tool, write_jsonl
 
 DOCS = [[5, 6, 7], [1], [99, 98, 97, 96, 95], [3, 3]]
 

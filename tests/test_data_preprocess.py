@@ -4,16 +4,14 @@ import gzip
 import os
 import re
 import shutil
+from argparse import Namespace
 
 import pytest
+from test_data_support import KJV, kjv_texts, make_gpt2_files, make_hf_tokenizer_json, run_tool, write_jsonl
 
-from an_megatron.data import build_tokenizer, check_indexed_dataset, open_indexed_dataset
-from an_megatron.data import DataError
+from an_megatron.data import DataError, build_tokenizer, check_indexed_dataset, open_indexed_dataset
 from an_megatron.data.preprocess import preprocess
 from an_megatron.data.tokenizer_training import split_long_line, train_sentencepiece
-from test_data_support import (KJV, kjv_texts, make_gpt2_files, make_hf_tokenizer_json, run_tool,
-                               write_jsonl)
-from argparse import Namespace
 
 NUM_DOCS = 40
 

@@ -3,9 +3,9 @@ import pickle
 from argparse import Namespace
 
 import pytest
+from test_data_support import make_gpt2_files, make_hf_tokenizer_json, train_tiny_sentencepiece
 
 from an_megatron.data import DataError, build_tokenizer, pad_vocab_size
-from test_data_support import make_gpt2_files, make_hf_tokenizer_json, train_tiny_sentencepiece
 
 TEXT = "In the beginning God created the heaven and the earth.\nAnd the earth was without form."
 
@@ -47,7 +47,6 @@ def test_sentencepiece_types(sp_model):
 
 def test_sentencepiece_appends_megatron_specials_when_missing(tmp_path):
     import sentencepiece
-
     from test_data_support import kjv_texts
 
     sentencepiece.SentencePieceTrainer.train(

@@ -8,7 +8,6 @@ file section share one spawn: starting a process that imports DeepSpeed takes ~1
 """
 import pytest
 import torch
-
 from distributed import full_named_tensors, run_distributed
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
@@ -223,7 +222,6 @@ def _full_masters(engine):
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
-
     from torch._utils import _unflatten_dense_tensors
 
     opt = engine.optimizer

@@ -14,11 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from an_megatron.model import GPTModel, ModelConfig
-from an_megatron.model import fp8
+from an_megatron.model import GPTModel, ModelConfig, fp8
 from an_megatron.model.arguments import add_model_args, model_config_from_args
-from an_megatron.model.linear_impl import (LOCAL, TorchFP8ColumnParallelLinear, TorchFP8RowParallelLinear,
-                                           linear_impl)
+from an_megatron.model.linear_impl import LOCAL, TorchFP8ColumnParallelLinear, TorchFP8RowParallelLinear, linear_impl
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 SMALL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16)
@@ -297,9 +295,10 @@ TP_SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_
 
 
 def _tp_loss_and_grads(tp, extra, exact_matmul):
+    from distributed import full_named_tensors
+
     from an_megatron.model import linear_impl as impl
     from an_megatron.parallel import initialize_parallel, tp_group
-    from distributed import full_named_tensors
 
     if exact_matmul:  # the FP8 layers' plumbing with an exact local product: TP must match TP=1 exactly
         impl.fp8_linear = lambda x, w, scaling: F.linear(x, w)

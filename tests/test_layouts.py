@@ -7,7 +7,6 @@ data-parallel ranks, gradient accumulation, loss averaging, pipeline batch feedi
 """
 
 import pytest
-
 from test_training import MOCK, TINY, losses, run
 
 COMMON = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "5", "--lr", "1e-2", "--clip-grad", "0",

@@ -1,9 +1,9 @@
 """anGPT's row bound and nGPT's normalization: dense, tensor-parallel, and on flat fragments."""
 import pytest
 import torch
+from distributed import run_distributed
 
 from an_megatron.optim.norm_bound import Fragment, NormConstraint, constrain_fragments_, partial_sq_norms
-from distributed import run_distributed
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 from distributed import full_named_tensors, run_distributed
 
 SHAPE = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256, seq_length=32)

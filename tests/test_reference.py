@@ -10,12 +10,18 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_models import (
+    MATRICES,
+    norm_dim,
+    project_weights,
+    read_weights,
+    reference_forward,
+    symbol,
+    to_model_layout,
+)
 
 from an_megatron.model import GPTModel, ModelConfig
 from an_megatron.optim import constrain_parameters_
-from reference_models import (
-    MATRICES, norm_dim, project_weights, read_weights, reference_forward, symbol, to_model_layout,
-)
 
 SMALL = dict(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16)
 B, T = 2, 16

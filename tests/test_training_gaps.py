@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from test_training import MOCK, ROOT, TINY, corpus, run  # noqa: F401  (corpus is a fixture)
 
 from an_megatron.parallel.groups import free_port, local_rank_env
-from test_training import MOCK, ROOT, TINY, corpus, run  # noqa: F401  (corpus is a fixture)
 
 FP32 = ["--deepspeed_config", "examples/ds_fp32.json"]
 SMALL = [*TINY, "--micro-batch-size", "2", "--global-batch-size", "2"]

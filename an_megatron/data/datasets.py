@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy
 
-from megatron_patches.blended_dataset_rank import single_process_rank_zero
-
 from an_megatron.data.eod import _resolve as _resolve_eod
 from an_megatron.data.errors import DataError
 from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
 from an_megatron.data.tokenizers import TokenizerWithEod
+from megatron_patches.blended_dataset_rank import single_process_rank_zero
 
 if TYPE_CHECKING:  # the data package does not import torch at import time
     import torch

@@ -91,8 +91,8 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
     if missing:
         unfinished = [p for p in missing if _has_unfinished_temp(p)]
-        hint = (f" (only an unfinished temporary file of an interrupted preprocessing run "
-                f"is there)" if unfinished else "")
+        hint = (" (only an unfinished temporary file of an interrupted preprocessing run "
+                "is there)" if unfinished else "")
         raise IndexedDatasetError(
             f"indexed dataset {prefix!r}: missing {' and '.join(missing)}{hint}")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from an_megatron.data.errors import DataError
 from an_megatron.data.preprocess import BadLine, expand_input_paths, open_binary_lines, parse_json_line
 from an_megatron.data.tokenizers import MEGATRON_SP_SPECIALS
+
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _WORDS = re.compile(r"\S+\s*|\s+")
 

@@ -19,8 +19,8 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
 from an_megatron.model.arch import ArchSpec
-from an_megatron.model.config import ModelConfig
 from an_megatron.model.attention import attention, attention_with_exact_nu_att, visible_keys
+from an_megatron.model.config import ModelConfig
 from an_megatron.model.factors import nu_att_dense, nu_att_gaussian
 from an_megatron.model.layers import column_parallel, row_parallel, vocab_embedding
 from an_megatron.model.scales import Tap

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from an_megatron.compat import deepspeed as ds_compat
 from an_megatron.optim.norm_bound import Fragment, constrain_fragments_, constrained_parameters
 
+
 def _index_of(master: torch.Tensor, tensors: Sequence[torch.Tensor]) -> int:
     """Position of ``master`` (by identity) in a wrapper's list of flat master tensors."""
     for i, t in enumerate(tensors):

@@ -38,6 +38,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.gpt import Block, Embedding, Head, lm_loss
 from an_megatron.parallel.groups import deepspeed_topology
+
 # Checkpoint files live in training/checkpointing.py; re-exported for training/convert.py, which
 # imports them from here.
 
