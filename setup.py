@@ -1,4 +1,5 @@
 """an_megatron: train anGPT (the approximately normalized Transformer) with DeepSpeed and megatron-core."""
+
 from setuptools import find_packages, setup
 
 setup(

@@ -16,6 +16,7 @@ MFU above the bf16 row's is the FP8 gain), the FP8/bf16 speedup, peak memory, an
 of the last 5 steps. The data repeat a random 16-token motif per sequence, so the loss falls
 within a few dozen steps and the curves can be compared. Prints a markdown table last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ from an_megatron.training.metrics import flops_per_token, peak_tflops
 PRECISIONS = {
     "bf16": {},
     "fp8-torch": dict(fp8="hybrid", fp8_backend="torch"),
-    "fp8-te": dict(transformer_impl="transformer_engine", fp8="hybrid", fp8_backend="te", fp8_recipe="delayed",
-                   fp8_amax_history_len=16, fp8_amax_compute_algo="max"),
+    "fp8-te": dict(
+        transformer_impl="transformer_engine",
+        fp8="hybrid",
+        fp8_backend="te",
+        fp8_recipe="delayed",
+        fp8_amax_history_len=16,
+        fp8_amax_compute_algo="max",
+    ),
 }
 
 
@@ -48,14 +55,21 @@ def batches(args, device):
 
 
 def run(arch, precision, args, data, device):
-    config = ModelConfig(arch=arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                         num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
-                         seq_length=args.seq_length, **PRECISIONS[precision])
+    config = ModelConfig(
+        arch=arch,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=args.vocab_size,
+        seq_length=args.seq_length,
+        **PRECISIONS[precision],
+    )
     model = GPTModel(config).to(device=device, dtype=torch.bfloat16)
     defaults = config.spec.optimizer  # the trainer's weight decay and warm-up for this architecture
     lr = args.lr or (1e-3 if arch == "gptplus" else 3e-3)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=defaults.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=defaults.weight_decay, fused=device.type == "cuda"
+    )
     warmup = defaults.warmup_iters(args.steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -75,14 +89,23 @@ def run(arch, precision, args, data, device):
         sync()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    step_s = statistics.median(times[args.warmup:])
+    step_s = statistics.median(times[args.warmup :])
     tokens_per_s = args.batch * args.seq_length / step_s
     tflops = flops_per_token(config) * tokens_per_s / 1e12
     peak = peak_tflops(args.peak_tflops)
-    result = dict(arch=arch, precision=precision, lr=lr, step_ms=1e3 * step_s, tokens_per_s=tokens_per_s, tflops=tflops,
-                  mfu=tflops / peak if peak else None, final_loss=sum(losses[-5:]) / len(losses[-5:]),
-                  first_loss=losses[0], losses=losses,
-                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+    result = dict(
+        arch=arch,
+        precision=precision,
+        lr=lr,
+        step_ms=1e3 * step_s,
+        tokens_per_s=tokens_per_s,
+        tflops=tflops,
+        mfu=tflops / peak if peak else None,
+        final_loss=sum(losses[-5:]) / len(losses[-5:]),
+        first_loss=losses[0],
+        losses=losses,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    )
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -91,16 +114,21 @@ def run(arch, precision, args, data, device):
 
 def table(results) -> str:
     base = {r["arch"]: r for r in results if r["precision"] == "bf16"}
-    rows = ["| arch | precision | step ms | tokens/s | TFLOP/s | MFU (bf16 peak) | speedup vs bf16 | loss first -> last5 "
-            "| loss vs bf16 | peak GiB |", "|" + " --- |" * 10]
+    rows = [
+        "| arch | precision | step ms | tokens/s | TFLOP/s | MFU (bf16 peak) | speedup vs bf16 | loss first -> last5 "
+        "| loss vs bf16 | peak GiB |",
+        "|" + " --- |" * 10,
+    ]
     for r in results:
         b = base[r["arch"]]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
-        rows.append(f"| {r['arch']} | {r['precision']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-                    f"{r['tflops']:.1f} | {mfu} | {b['step_ms'] / r['step_ms']:.2f}x | "
-                    f"{r['first_loss']:.3f} -> {r['final_loss']:.3f} | "
-                    f"{100 * (r['final_loss'] - b['final_loss']) / b['final_loss']:+.2f}% | {mem} |")
+        rows.append(
+            f"| {r['arch']} | {r['precision']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tflops']:.1f} | {mfu} | {b['step_ms'] / r['step_ms']:.2f}x | "
+            f"{r['first_loss']:.3f} -> {r['final_loss']:.3f} | "
+            f"{100 * (r['final_loss'] - b['final_loss']) / b['final_loss']:+.2f}% | {mem} |"
+        )
     return "\n".join(rows)
 
 
@@ -122,22 +150,31 @@ def main():
     args = p.parse_args()
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
-    precisions = (args.precisions.split(",") if args.precisions else
-                  ["bf16", "fp8-torch"] + (["fp8-te"] if transformer_engine_installed() else []))
+    precisions = (
+        args.precisions.split(",")
+        if args.precisions
+        else ["bf16", "fp8-torch"] + (["fp8-te"] if transformer_engine_installed() else [])
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     initialize_parallel(1, 1)
     try:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        print(f"device {name}, torch {torch.__version__}, bf16 peak {peak_tflops(args.peak_tflops)} TFLOP/s; "
-              f"d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} T={args.seq_length} "
-              f"batch {args.batch} V={args.vocab_size}, {args.steps} steps (timing after {args.warmup})", flush=True)
+        print(
+            f"device {name}, torch {torch.__version__}, bf16 peak {peak_tflops(args.peak_tflops)} TFLOP/s; "
+            f"d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} T={args.seq_length} "
+            f"batch {args.batch} V={args.vocab_size}, {args.steps} steps (timing after {args.warmup})",
+            flush=True,
+        )
         data = batches(args, device)
         results = []
         for arch in args.archs.split(","):
             for precision in precisions:
                 r = run(arch, precision, args, data, device)
-                print(f"{arch:8s} {precision:9s} step {r['step_ms']:8.1f} ms  loss {r['first_loss']:.3f} -> "
-                      f"{r['final_loss']:.3f}", flush=True)
+                print(
+                    f"{arch:8s} {precision:9s} step {r['step_ms']:8.1f} ms  loss {r['first_loss']:.3f} -> "
+                    f"{r['final_loss']:.3f}",
+                    flush=True,
+                )
                 if not all(math.isfinite(v) for v in r["losses"]):
                     print(f"  (non-finite loss in {arch} {precision})", flush=True)
                 results.append(r)

@@ -11,6 +11,7 @@ what the bound's local math would cost at memory speed.
     python benchmarks/norm_bound_bench.py                      # spawns 2 ranks on gloo (CPU)
     python benchmarks/norm_bound_bench.py --hidden-size 256 --zero-stage 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,9 +105,14 @@ def _rank_main(rank, args, port):
     try:
         initialize_parallel(1, 1)
         torch.manual_seed(0)
-        config = ModelConfig(arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                             num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
-                             seq_length=args.seq_length)
+        config = ModelConfig(
+            arch=args.arch,
+            num_layers=args.num_layers,
+            hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            vocab_size=args.vocab_size,
+            seq_length=args.seq_length,
+        )
         model = GPTModel(config)
         ds_config = {
             "train_micro_batch_size_per_gpu": args.micro_batch_size,
@@ -115,8 +121,9 @@ def _rank_main(rank, args, port):
             "zero_optimization": {"stage": args.zero_stage},
             "steps_per_print": 10**9,
         }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                                          config=ds_config, mpu=DeepSpeedMPU)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), config=ds_config, mpu=DeepSpeedMPU
+        )
         sync = get_accelerator().synchronize
         watch = _Stopwatch(sync)
         inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
@@ -127,16 +134,23 @@ def _rank_main(rank, args, port):
         gen = torch.Generator().manual_seed(1 + rank)
         n = args.warmup + args.iters
         batches = torch.randint(0, args.vocab_size, (2 * n, args.micro_batch_size, args.seq_length + 1), generator=gen)
-        with_bound = _timed_iters(engine, batches[:n], watch, sync)[args.warmup:]
+        with_bound = _timed_iters(engine, batches[:n], watch, sync)[args.warmup :]
         bound.remove()
-        without = _timed_iters(engine, batches[n:], watch, sync)[args.warmup:]
+        without = _timed_iters(engine, batches[n:], watch, sync)[args.warmup :]
         for h in hooks:
             h.remove()
         n_params = sum(p.numel() for p in model.parameters())
         constrained = sum(p.numel() for p in model.parameters() if getattr(p, "norm_constraint", None) is not None)
         local = sum(t.numel() for g in inner.param_groups for t in g["params"])  # this rank's masters
-        return dict(mode=bound.mode, with_bound=with_bound, without=without, n_params=n_params,
-                    constrained=constrained, local=local, floor_ms=_floor_ms(local, args.hidden_size))
+        return dict(
+            mode=bound.mode,
+            with_bound=with_bound,
+            without=without,
+            n_params=n_params,
+            constrained=constrained,
+            local=local,
+            floor_ms=_floor_ms(local, args.hidden_size),
+        )
     finally:
         destroy_parallel()
 
@@ -171,19 +185,25 @@ def main(argv=None):
     for p in procs:
         p.join()
     r0 = results[0]
-    print(f"mode {r0['mode']}, ZeRO-{args.zero_stage}, DP={args.world_size}, {args.arch} L={args.num_layers} "
-          f"d={args.hidden_size} H={args.num_attention_heads} V={args.vocab_size} T={args.seq_length} "
-          f"micro-batch {args.micro_batch_size}; {r0['n_params'] / 1e6:.2f}M parameters, "
-          f"{r0['constrained'] / 1e6:.2f}M constrained; median of {args.iters} iterations per rank")
+    print(
+        f"mode {r0['mode']}, ZeRO-{args.zero_stage}, DP={args.world_size}, {args.arch} L={args.num_layers} "
+        f"d={args.hidden_size} H={args.num_attention_heads} V={args.vocab_size} T={args.seq_length} "
+        f"micro-batch {args.micro_batch_size}; {r0['n_params'] / 1e6:.2f}M parameters, "
+        f"{r0['constrained'] / 1e6:.2f}M constrained; median of {args.iters} iterations per rank"
+    )
     print(f"load average before: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f} (1 min)")
-    print("rank | fp32 masters held | bound ms | engine.step ms | iteration ms | bound / step | bound / iteration "
-          "| step ms without bound | iteration ms without bound | floor ms")
+    print(
+        "rank | fp32 masters held | bound ms | engine.step ms | iteration ms | bound / step | bound / iteration "
+        "| step ms without bound | iteration ms without bound | floor ms"
+    )
     for rank in sorted(results):
         res = results[rank]
         w, wo = res["with_bound"], res["without"]
         bound, step, it = (_median_ms(w, i) for i in (2, 1, 0))
-        print(f"{rank} | {res['local'] / 1e6:.2f}M | {bound:.2f} | {step:.2f} | {it:.1f} | {bound / step:.1%} "
-              f"| {bound / it:.2%} | {_median_ms(wo, 1):.2f} | {_median_ms(wo, 0):.1f} | {res['floor_ms']:.2f}")
+        print(
+            f"{rank} | {res['local'] / 1e6:.2f}M | {bound:.2f} | {step:.2f} | {it:.1f} | {bound / step:.1%} "
+            f"| {bound / it:.2%} | {_median_ms(wo, 1):.2f} | {_median_ms(wo, 0):.1f} | {res['floor_ms']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ at least 50 MB and 200 MB, trains a SentencePiece model (vocab 8000) on the bund
 the tool as a subprocess, polls the RSS and PSS of it and its workers (summed) every 50 ms, and prints a
 markdown table. Benchmark data stays under --workdir (not in git).
 """
+
 import argparse
 import gzip
 import os
@@ -59,8 +60,7 @@ def run_measured(command: list) -> tuple:
     """Run `command`; return (wall seconds, peak summed RSS, peak summed PSS, stdout)."""
     start = time.time()
     stderr_file = tempfile.TemporaryFile(mode="w+")  # progress lines; a pipe could fill up
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_file,
-                               text=True, cwd=REPO, env=tool_env())
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_file, text=True, cwd=REPO, env=tool_env())
     watched, peak_rss, peak_pss = psutil.Process(process.pid), 0, 0
     while process.poll() is None:
         try:
@@ -85,32 +85,53 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     small = os.path.join(args.workdir, "kjv_small.jsonl")
     large = os.path.join(args.workdir, "kjv_large.jsonl")
-    sizes = {small: make_corpus(small, args.min_mb * 10**6),
-             large: make_corpus(large, 4 * args.min_mb * 10**6)}
+    sizes = {small: make_corpus(small, args.min_mb * 10**6), large: make_corpus(large, 4 * args.min_mb * 10**6)}
 
     tok = os.path.join(args.workdir, "kjv8k")
-    seconds, _, _, _ = run_measured([sys.executable, "tools/train_tokenizer.py", "--input", KJV,
-                                  "--vocab-size", "8000", "--output-prefix", tok])
-    print(f"train_tokenizer.py (bundled 4.2 MB corpus, vocab 8000): {seconds:.1f} s wall "
-          f"(1-min load average {os.getloadavg()[0]:.1f}: other work on the machine slows it)\n")
+    seconds, _, _, _ = run_measured(
+        [sys.executable, "tools/train_tokenizer.py", "--input", KJV, "--vocab-size", "8000", "--output-prefix", tok]
+    )
+    print(
+        f"train_tokenizer.py (bundled 4.2 MB corpus, vocab 8000): {seconds:.1f} s wall "
+        f"(1-min load average {os.getloadavg()[0]:.1f}: other work on the machine slows it)\n"
+    )
 
-    print("| input | workers | documents | tokens | tool time (s) | documents/s | tokens/s | "
-          "MB/s | peak RSS, tree (MiB) | peak PSS, tree (MiB) | load avg (1 min) after |")
+    print(
+        "| input | workers | documents | tokens | tool time (s) | documents/s | tokens/s | "
+        "MB/s | peak RSS, tree (MiB) | peak PSS, tree (MiB) | load avg (1 min) after |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path, workers in ((small, 1), (small, 2), (large, 2)):
         _, peak_rss, peak_pss, stdout = run_measured(
-            [sys.executable, "tools/preprocess_data.py", "--input", path, "--json-keys", "text",
-             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok + ".model",
-             "--append-eod", "--output-prefix", os.path.join(args.workdir, f"out_w{workers}"),
-             "--workers", str(workers)])
+            [
+                sys.executable,
+                "tools/preprocess_data.py",
+                "--input",
+                path,
+                "--json-keys",
+                "text",
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                tok + ".model",
+                "--append-eod",
+                "--output-prefix",
+                os.path.join(args.workdir, f"out_w{workers}"),
+                "--workers",
+                str(workers),
+            ]
+        )
         documents = int(re.search(r"^documents: (\d+)", stdout, re.M).group(1))
         tokens = int(re.search(r"^tokens: (\d+)", stdout, re.M).group(1))
         tool_seconds = float(re.search(r"^time: ([.\d]+) s", stdout, re.M).group(1))
         megabytes = sizes[path] / 1e6
-        print(f"| {megabytes:.0f} MB | {workers} | {documents} | {tokens} | {tool_seconds:.1f} | "
-              f"{documents / tool_seconds:.0f} | {tokens / tool_seconds:.0f} | "
-              f"{megabytes / tool_seconds:.2f} | {peak_rss / 2**20:.0f} | {peak_pss / 2**20:.0f} | "
-              f"{os.getloadavg()[0]:.1f} |", flush=True)
+        print(
+            f"| {megabytes:.0f} MB | {workers} | {documents} | {tokens} | {tool_seconds:.1f} | "
+            f"{documents / tool_seconds:.0f} | {tokens / tool_seconds:.0f} | "
+            f"{megabytes / tool_seconds:.2f} | {peak_rss / 2**20:.0f} | {peak_pss / 2**20:.0f} | "
+            f"{os.getloadavg()[0]:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

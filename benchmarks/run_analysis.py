@@ -3,6 +3,7 @@
 The paper's headline number is a step ratio: how many steps a model needs to reach the final
 validation loss of the GPT+ baseline, relative to GPT+'s own steps.
 """
+
 from __future__ import annotations
 
 import math

@@ -9,6 +9,7 @@
 Interleaving (one step of each architecture per round) exposes all three to the same machine
 state, so the ratios are fair even when absolute times drift. Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,17 +36,30 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--nu-att", default=ModelConfig.nu_att)
-    p.add_argument("--document-length", type=int, default=0,
-                   help="pack documents of about this many tokens per sequence, with document masking")
-    p.add_argument("--compare-masking", action="store_true",
-                   help="with --document-length: time GPT+ and anGPT with and without document masking")
-    p.add_argument("--compare-nu-att", action="store_true",
-                   help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures")
+    p.add_argument(
+        "--document-length",
+        type=int,
+        default=0,
+        help="pack documents of about this many tokens per sequence, with document masking",
+    )
+    p.add_argument(
+        "--compare-masking",
+        action="store_true",
+        help="with --document-length: time GPT+ and anGPT with and without document masking",
+    )
+    p.add_argument(
+        "--compare-nu-att",
+        action="store_true",
+        help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures",
+    )
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--cpu-time", action="store_true",
-                   help="time steps by the process's CPU time instead of wall time: with --threads 1 it "
-                        "leaves out time spent waiting for a core on a shared machine")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time steps by the process's CPU time instead of wall time: with --threads 1 it "
+        "leaves out time spent waiting for a core on a shared machine",
+    )
     args = p.parse_args()
 
     if args.threads:
@@ -53,14 +67,23 @@ def main():
     clock = time.process_time if args.cpu_time else time.perf_counter
     initialize_parallel(1, 1)
     torch.manual_seed(0)
-    shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-                 vocab_size=args.vocab_size, seq_length=args.seq_length)
+    shape = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=args.vocab_size,
+        seq_length=args.seq_length,
+    )
     masked = bool(args.document_length)
     if args.compare_nu_att:
-        variants = {"gptplus": ("gptplus", args.nu_att, masked),
-                    **{f"angpt nu_att={o}": ("angpt", o, masked) for o in NU_ATT_OPTIONS}}
+        variants = {
+            "gptplus": ("gptplus", args.nu_att, masked),
+            **{f"angpt nu_att={o}": ("angpt", o, masked) for o in NU_ATT_OPTIONS},
+        }
     elif args.compare_masking:
-        variants = {f"{a}{' masked' if m else ''}": (a, args.nu_att, m) for a in ("gptplus", "angpt") for m in (False, True)}
+        variants = {
+            f"{a}{' masked' if m else ''}": (a, args.nu_att, m) for a in ("gptplus", "angpt") for m in (False, True)
+        }
     else:
         variants = {a: (a, args.nu_att, masked) for a in ARCHS}
     models = {name: GPTModel(ModelConfig(arch=a, nu_att=o, **shape)) for name, (a, o, _) in variants.items()}
@@ -101,17 +124,21 @@ def main():
                 times[a].append(t)
     destroy_parallel()
     med = {a: statistics.median(t) for a, t in times.items()}
-    print(f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
-          f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
-          f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}, "
-          f"median of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
+        f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
+        f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}, "
+        f"median of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
     print("| --- | --- | --- | --- | --- |")
     for a in models:
-        print(f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | "
-              f"{paper.STEP_TIME_RATIO.get(a, '')} |")
+        print(
+            f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | "
+            f"{paper.STEP_TIME_RATIO.get(a, '')} |"
+        )
 
 
 if __name__ == "__main__":

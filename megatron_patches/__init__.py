@@ -6,4 +6,5 @@ with the reason it exists. ``an_megatron`` applies them on import; none changes 
 - ``blended_dataset_rank``: megatron-core's ``BlendedDataset`` asks for the process rank even
   without a process group; single-process runs with ``--data-cache-path`` need an answer.
 """
+
 from megatron_patches import quiet_optional_imports  # noqa: F401

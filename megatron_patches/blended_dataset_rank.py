@@ -6,6 +6,7 @@ a cache path is set, even when torch.distributed is not initialized (``GPTDatase
 and tests. Inside ``single_process_rank_zero()`` ``get_rank`` answers 0 when, and only when, no
 process group exists; with one it changes nothing.
 """
+
 import contextlib
 from unittest import mock
 

@@ -6,6 +6,7 @@ process of every launch. We use neither (the local path is the default; FP8 impo
 Engine itself, lazily, and reports clearly if it is missing), so the warnings only bury the
 training log. Only these exact messages are filtered; nothing else is.
 """
+
 import warnings
 
 warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning)

@@ -1,4 +1,5 @@
 """Run a function in N processes on gloo (a hang fails after a timeout instead of blocking CI)."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,13 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
     ``fn`` must be a module-level function; it calls ``initialize_parallel`` itself.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), fn, args, out_dir),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         try:
             deadline = time.monotonic() + timeout
             # join returns False whenever one rank finishes while others still run

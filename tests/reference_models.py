@@ -19,6 +19,7 @@ Three pieces:
 ``to_model_layout`` maps anything in the reference's layout (weights, their gradients) back to
 GPTModel's parameter names, so tests compare parameter by parameter.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def read_weights(model, dtype: torch.dtype | None = None) -> dict[str, torch.Ten
     w = {name: params[pname] for name, pname in _GLOBAL_NAMES.items()}
     for i in range(cfg.num_layers):
         w.update({name: params[pname] for name, pname in _layer_names(i).items()})
-        w[f"layers.{i}.W_q"], w[f"layers.{i}.W_k"], w[f"layers.{i}.W_v"] = (
-            params[f"layers.{i}.attention.qkv.weight"].split(d))
+        w[f"layers.{i}.W_q"], w[f"layers.{i}.W_k"], w[f"layers.{i}.W_v"] = params[
+            f"layers.{i}.attention.qkv.weight"
+        ].split(d)
         w[f"layers.{i}.W_u"], w[f"layers.{i}.W_z"] = params[f"layers.{i}.mlp.up_gate.weight"].split(f)
     return {k: v.detach().to(dtype or v.dtype).clone().requires_grad_() for k, v in w.items()}
 
@@ -129,7 +131,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh)
     angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, d_h / 2): same for all heads
     angles = torch.cat([angles, angles], dim=-1).to(x.dtype)
-    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
@@ -149,9 +151,13 @@ def gaussian_nu_att(t: torch.Tensor, s_qk: torch.Tensor, dh: int) -> torch.Tenso
     return nu.permute(0, 2, 1)[..., None].detach()
 
 
-def reference_forward(w: dict[str, torch.Tensor], config, tokens: torch.Tensor,
-                      position_ids: torch.Tensor | None = None,
-                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+def reference_forward(
+    w: dict[str, torch.Tensor],
+    config,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits ``(B, T, V)`` of anGPT or nGPT (``config.arch``) for ``tokens (B, T)``.
 
     ``position_ids (B, T)`` replace ``0..T-1`` in RoPE. ``document_ids (B, T)``: a query sees a

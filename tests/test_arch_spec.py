@@ -1,5 +1,6 @@
 """A new architecture is one ``ArchSpec``: defined here, registered, built and trained through
 the ordinary entry points without touching any module of the package."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ class PlainLerpResidual(nn.Module):
 # anGPT without nu_lerp; GPT+'s block with anGPT's initialization, norm bound and Adam recipe.
 NEW_SPECS = {
     "angpt_plain_lerp": replace(ARCH_SPECS["angpt"], residual=PlainLerpResidual),
-    "gptplus_unit": replace(ARCH_SPECS["gptplus"], init=components.unit_init, weight_norm="bound",
-                            optimizer=OptimizerDefaults()),
+    "gptplus_unit": replace(
+        ARCH_SPECS["gptplus"], init=components.unit_init, weight_norm="bound", optimizer=OptimizerDefaults()
+    ),
 }
 
 
@@ -64,8 +66,9 @@ def test_new_spec_trains_from_the_command_line_flags():
     assert w.norm_constraint.mode == "bound"
     assert isinstance(model.layers[0].attention_norm, components.RMSNorm)  # still GPT+'s block
 
-    train = argparse.Namespace(arch="gptplus_unit", weight_decay=None, lr_warmup_iters=None, train_iters=1000,
-                               lr_decay_iters=None)
+    train = argparse.Namespace(
+        arch="gptplus_unit", weight_decay=None, lr_warmup_iters=None, train_iters=1000, lr_decay_iters=None
+    )
     _fill_arch_defaults(train)
     assert (train.weight_decay, train.lr_warmup_iters) == (0.0, 0)
 

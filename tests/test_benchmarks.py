@@ -1,4 +1,5 @@
 """The convergence benchmark's code paths: a smoke run, the speedup arithmetic, the plots."""
+
 import json
 import math
 import os
@@ -41,8 +42,13 @@ def test_read_metrics_names_a_bad_line(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_convergence_smoke_run_and_plot(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/convergence.py", "--out", str(tmp_path), "--smoke"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=380)
+    out = subprocess.run(
+        [sys.executable, "benchmarks/convergence.py", "--out", str(tmp_path), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     for run in ("gptplus_lr0.003", "angpt_lr0.003"):
         m = read_metrics(str(tmp_path / "runs" / run / "metrics.jsonl"))

@@ -1,4 +1,5 @@
 """The version check of the compat boundary (an_megatron/compat/)."""
+
 import os
 import subprocess
 import sys
@@ -68,14 +69,23 @@ def _run_with_fake_release(distribution, script, *args, allow=False):
     env = {k: v for k, v in os.environ.items() if k != ALLOW_UNTESTED_VERSIONS}
     if allow:
         env[ALLOW_UNTESTED_VERSIONS] = "1"
-    return subprocess.run([sys.executable, "-c", _WITH_FAKE_RELEASE, distribution, os.path.join(ROOT, script), *args],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _WITH_FAKE_RELEASE, distribution, os.path.join(ROOT, script), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("distribution, script, args", [
-    ("megatron-core", "examples/pretrain_angpt.py", []),
-    ("deepspeed", "tools/convert_checkpoint.py", ["consolidate", "--load", "missing", "--output", "x.pt"]),
-])
+@pytest.mark.parametrize(
+    "distribution, script, args",
+    [
+        ("megatron-core", "examples/pretrain_angpt.py", []),
+        ("deepspeed", "tools/convert_checkpoint.py", ["consolidate", "--load", "missing", "--output", "x.pt"]),
+    ],
+)
 def test_entry_points_report_one_line(distribution, script, args):
     """Another release under the trainer or a tool: one line, exit status 1, no traceback."""
     proc = _run_with_fake_release(distribution, script, *args)
@@ -86,7 +96,15 @@ def test_entry_points_report_one_line(distribution, script, args):
 
 def test_entry_point_runs_with_escape_hatch(tmp_path):
     """With the escape hatch the tool goes on (here: to its own error about the missing checkpoint)."""
-    proc = _run_with_fake_release("deepspeed", "tools/convert_checkpoint.py", "consolidate", "--load",
-                                  str(tmp_path / "missing"), "--output", str(tmp_path / "x.pt"), allow=True)
+    proc = _run_with_fake_release(
+        "deepspeed",
+        "tools/convert_checkpoint.py",
+        "consolidate",
+        "--load",
+        str(tmp_path / "missing"),
+        "--output",
+        str(tmp_path / "x.pt"),
+        allow=True,
+    )
     assert "Traceback" not in proc.stderr and "UntestedVersionWarning" in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: --load {tmp_path / 'missing'}: no such directory"

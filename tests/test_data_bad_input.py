@@ -1,6 +1,7 @@
 """Bad input to tools/preprocess_data.py: each case is one clear error naming the file and line
 (or, with --skip-bad-lines, a counted skip), and no finished-looking output is left behind,
 including when the run is interrupted."""
+
 import os
 import signal
 import subprocess
@@ -19,22 +20,23 @@ GOOD = {"text": "1 2 3"}
 
 
 def run_preprocess(corpus, out_dir, **kwargs):
-    return preprocess([corpus], ["text"], NULL_TOKENIZER, os.path.join(out_dir, "out"),
-                      append_eod=True, **kwargs)
+    return preprocess([corpus], ["text"], NULL_TOKENIZER, os.path.join(out_dir, "out"), append_eod=True, **kwargs)
 
 
-@pytest.mark.parametrize("bad_line, line_number, reason", [
-    ('{"text": "1 2"', 3, "not valid JSON (Expecting ',' delimiter)"),
-    ('{"body": "1 2"}', 2, "no key 'text' (keys: body)"),
-    ('{"text": 5}', 4, "key 'text' holds a int, not a string"),
-    ('{"text": null}', 2, "key 'text' holds a NoneType, not a string"),
-    ('[1, 2]', 3, "expected a JSON object, got list"),
-    (b'{"text": "\xff\xfe"}', 2, "not valid JSON (invalid UTF-8)"),
-    ('{"text": "1 two 3"}', 2, "cannot tokenize key 'text': NullTokenizer expects integer ids"),
-])
+@pytest.mark.parametrize(
+    "bad_line, line_number, reason",
+    [
+        ('{"text": "1 2"', 3, "not valid JSON (Expecting ',' delimiter)"),
+        ('{"body": "1 2"}', 2, "no key 'text' (keys: body)"),
+        ('{"text": 5}', 4, "key 'text' holds a int, not a string"),
+        ('{"text": null}', 2, "key 'text' holds a NoneType, not a string"),
+        ("[1, 2]", 3, "expected a JSON object, got list"),
+        (b'{"text": "\xff\xfe"}', 2, "not valid JSON (invalid UTF-8)"),
+        ('{"text": "1 two 3"}', 2, "cannot tokenize key 'text': NullTokenizer expects integer ids"),
+    ],
+)
 @pytest.mark.parametrize("workers", [1, 2])
-def test_bad_line_is_an_error_naming_file_and_line(tmp_path, bad_line, line_number, reason,
-                                                   workers):
+def test_bad_line_is_an_error_naming_file_and_line(tmp_path, bad_line, line_number, reason, workers):
     lines = [GOOD] * 5
     lines.insert(line_number - 1, "BAD")
     corpus = write_jsonl(tmp_path / "c.jsonl", lines)
@@ -73,7 +75,8 @@ def test_token_id_outside_vocab_and_dtype_is_an_error(tmp_path, skip_bad_lines):
         run_preprocess(corpus, str(tmp_path / "out"), skip_bad_lines=skip_bad_lines)
     assert str(error.value) == (
         f"{corpus}:3: token id 70000 (key 'text') does not fit: the index dtype is uint16, "
-        f"chosen for vocab size 101, so ids must be in [0, 101)")
+        f"chosen for vocab size 101, so ids must be in [0, 101)"
+    )
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -86,14 +89,29 @@ def test_missing_input_is_an_error(tmp_path):
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [GOOD, '{"text": 5}'])
     done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus,
-         "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
-         "--output-prefix", str(tmp_path / "out" / "x"), "--workers", "2"],
-        capture_output=True, text=True, timeout=100, env=tool_env())
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            corpus,
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "100",
+            "--output-prefix",
+            str(tmp_path / "out" / "x"),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=tool_env(),
+    )
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        f"error: {corpus}:2: key 'text' holds a int, not a string "
-        f"(use --skip-bad-lines to skip such lines)"]
+        f"error: {corpus}:2: key 'text' holds a int, not a string (use --skip-bad-lines to skip such lines)"
+    ]
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -112,10 +130,25 @@ def big_corpus(tmp_path_factory):
 def test_interrupted_run_leaves_no_finished_output(tmp_path, big_corpus, signum):
     out_dir = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", big_corpus,
-         "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--append-eod",
-         "--output-prefix", str(out_dir / "big"), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            big_corpus,
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "100",
+            "--append-eod",
+            "--output-prefix",
+            str(out_dir / "big"),
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=tool_env(),
+    )
     try:
         deadline = time.time() + 60
         while not (out_dir.exists() and any(".tmp." in n for n in os.listdir(out_dir))):

@@ -1,5 +1,6 @@
 """Train/valid/test datasets from --data-path blends and --split on megatron-core, mock data,
 flag parsing, and rank-0-first index building under torch.distributed."""
+
 import argparse
 import os
 
@@ -26,8 +27,9 @@ SEQ = 32
 def corpora(tmp_path_factory):
     """Two preprocessed prefixes (KJV chapters 0-199 and 200-399) and the tokenizer args."""
     directory = tmp_path_factory.mktemp("blend")
-    tokenizer_args = argparse.Namespace(tokenizer_type="GPTSentencePieceTokenizer",
-                                        tokenizer_model=train_tiny_sentencepiece(directory, 600))
+    tokenizer_args = argparse.Namespace(
+        tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=train_tiny_sentencepiece(directory, 600)
+    )
     texts = kjv_texts(400)
     prefixes = []
     for name, part in (("a", texts[:200]), ("b", texts[200:])):
@@ -41,8 +43,7 @@ def make_args(tokenizer_args, argv):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     args = parser.parse_args(argv)
-    args.tokenizer_type, args.tokenizer_model = (tokenizer_args.tokenizer_type,
-                                                 tokenizer_args.tokenizer_model)
+    args.tokenizer_type, args.tokenizer_model = (tokenizer_args.tokenizer_type, tokenizer_args.tokenizer_model)
     args.seq_length, args.seed = SEQ, 1234  # defined by the training arguments
     return args
 
@@ -55,8 +56,13 @@ def test_add_data_args_defaults():
     assert args.make_vocab_size_divisible_by == 128 and args.num_workers == 2
     args = parser.parse_args(["--data-path", "0.3", "a", "0.7", "b", "--eod-mask-loss"])
     assert args.data_path == ["0.3", "a", "0.7", "b"] and args.eod_mask_loss
-    for training_flag in ("--seq-length", "--seed", "--micro-batch-size", "--global-batch-size",
-                          "--tensor-model-parallel-size"):
+    for training_flag in (
+        "--seq-length",
+        "--seed",
+        "--micro-batch-size",
+        "--global-batch-size",
+        "--tensor-model-parallel-size",
+    ):
         assert training_flag not in parser._option_string_actions
 
 
@@ -80,8 +86,10 @@ def check_sample(sample, vocab_size):
 
 def test_blend_of_two_prefixes_with_split(corpora):
     directory, tokenizer_args, (a, b) = corpora
-    args = make_args(tokenizer_args, ["--data-path", "0.3", a, "0.7", b, "--split", "90,10,0",
-                                      "--data-cache-path", str(directory / "cache")])
+    args = make_args(
+        tokenizer_args,
+        ["--data-path", "0.3", a, "0.7", b, "--split", "90,10,0", "--data-cache-path", str(directory / "cache")],
+    )
     tokenizer = build_tokenizer(args)
     train, valid, test = build_train_valid_test_datasets(args, tokenizer, [200, 20, 0])
     assert type(train).__name__ == "BlendedDataset" and test is None
@@ -97,8 +105,9 @@ def test_blend_of_two_prefixes_with_split(corpora):
     again, _, _ = build_train_valid_test_datasets(args, tokenizer, [200, 20, 0])
     assert all(torch.equal(again[i]["tokens"], train[i]["tokens"]) for i in range(0, 200, 17))
 
-    loader = build_data_loader(train, consumed_samples=8, micro_batch_size=4,
-                               data_parallel_rank=0, data_parallel_size=2)
+    loader = build_data_loader(
+        train, consumed_samples=8, micro_batch_size=4, data_parallel_rank=0, data_parallel_size=2
+    )
     batch = next(iter(loader))
     assert batch["tokens"].shape == (4, SEQ) and batch["loss_mask"].shape == (4, SEQ)
     assert torch.equal(batch["tokens"][0], train[8]["tokens"])
@@ -106,9 +115,20 @@ def test_blend_of_two_prefixes_with_split(corpora):
 
 def test_single_prefix_and_document_masks(corpora):
     directory, tokenizer_args, (a, _) = corpora
-    args = make_args(tokenizer_args, ["--data-path", a, "--split", "98,2,0", "--eod-mask-loss",
-                                      "--reset-position-ids", "--reset-attention-mask",
-                                      "--data-cache-path", str(directory / "cache1")])
+    args = make_args(
+        tokenizer_args,
+        [
+            "--data-path",
+            a,
+            "--split",
+            "98,2,0",
+            "--eod-mask-loss",
+            "--reset-position-ids",
+            "--reset-attention-mask",
+            "--data-cache-path",
+            str(directory / "cache1"),
+        ],
+    )
     tokenizer = build_tokenizer(args)
     train, _, _ = build_train_valid_test_datasets(args, tokenizer, [50, 5, 0])
     assert type(train).__name__ == "GPTDataset"
@@ -126,8 +146,10 @@ def test_single_prefix_and_document_masks(corpora):
 
 
 def test_mock_data():
-    args = make_args(argparse.Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None),
-                     ["--mock-data", "--vocab-size", "1000"])
+    args = make_args(
+        argparse.Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None),
+        ["--mock-data", "--vocab-size", "1000"],
+    )
     tokenizer = build_tokenizer(args)
     train, valid, test = build_train_valid_test_datasets(args, tokenizer, [64, 8, 8])
     assert type(train).__name__ == "MockGPTDataset" and len(train) >= 64
@@ -146,8 +168,10 @@ def test_missing_and_corrupt_data_paths(corpora, tmp_path):
     with pytest.raises(DataError, match="--data-path is required"):
         build_train_valid_test_datasets(args, build_tokenizer(args), [10, 1, 0])
     # A dataset whose ids are too narrow for the tokenizer was made with another tokenizer.
-    wide = make_args(argparse.Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None),
-                     ["--data-path", a, "--vocab-size", "100000"])
+    wide = make_args(
+        argparse.Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None),
+        ["--data-path", a, "--vocab-size", "100000"],
+    )
     with pytest.raises(DataError, match="stores uint16 token ids, too narrow"):
         build_train_valid_test_datasets(wide, build_tokenizer(wide), [10, 1, 0])
 
@@ -157,16 +181,14 @@ def _build_on_two_ranks(data_path, tokenizer_args, cache):
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    args = make_args(tokenizer_args, ["--data-path", *data_path, "--split", "90,10,0",
-                                      "--data-cache-path", cache])
+    args = make_args(tokenizer_args, ["--data-path", *data_path, "--split", "90,10,0", "--data-cache-path", cache])
     seen = []
 
     def is_built_on_rank():
         seen.append(sorted(os.listdir(cache)) if os.path.isdir(cache) else [])
         return True
 
-    train, _, _ = build_train_valid_test_datasets(args, build_tokenizer(args), [100, 10, 0],
-                                                  is_built_on_rank)
+    train, _, _ = build_train_valid_test_datasets(args, build_tokenizer(args), [100, 10, 0], is_built_on_rank)
     return seen, [train[i]["tokens"] for i in range(0, 100, 9)]
 
 
@@ -177,7 +199,8 @@ def test_indices_built_by_rank0_and_loaded_by_the_others(corpora, tmp_path):
     _, tokenizer_args, (a, b) = corpora
     cache = str(tmp_path / "cache")
     (seen0, samples0), (seen1, samples1) = run_distributed(
-        _build_on_two_ranks, 2, ["1", a, "2", b], tokenizer_args, cache, timeout=150)
+        _build_on_two_ranks, 2, ["1", a, "2", b], tokenizer_args, cache, timeout=150
+    )
     # megatron-core builds each dataset on rank 0, then a barrier, then on the other ranks:
     assert seen0[0] == []  # rank 0 started on an empty cache,
     assert seen1[0] != []  # rank 1 started only once rank 0 had written the first indices,

@@ -1,5 +1,6 @@
 """--eod-token: the end-of-document id read from the data (<EOD> of Megatron's legacy
 SentencePiece path, </s> of Megatron-LM's default), the override, and the errors."""
+
 import argparse
 import pickle
 import re
@@ -35,8 +36,7 @@ def corpora(tmp_path_factory):
     model = train_tiny_sentencepiece(directory, 600)
     corpus = write_jsonl(directory / "c.jsonl", [{"text": t} for t in kjv_texts(60)])
     prefixes = {}
-    for name, kind, append_eod in (("eod", LEGACY, True), ("eos", DEFAULT, True),
-                                   ("none", LEGACY, False)):
+    for name, kind, append_eod in (("eod", LEGACY, True), ("eos", DEFAULT, True), ("none", LEGACY, False)):
         tokenizer_args = argparse.Namespace(tokenizer_type=kind, tokenizer_model=model)
         preprocess([corpus], ["text"], tokenizer_args, str(directory / name), append_eod=append_eod)
         prefixes[name] = str(directory / f"{name}_text_document")
@@ -74,8 +74,9 @@ def test_detection(corpora, capsys):
 
     args = make_args(model, ["--data-path", prefixes["eos"]])
     assert resolve_eod(args, build_tokenizer(args)) == EOS
-    assert capsys.readouterr().out == (f"{prefixes['eos']}: documents end with </s> (id 2), not "
-                                       f"<EOD>: using </s> as end of document\n")
+    assert capsys.readouterr().out == (
+        f"{prefixes['eos']}: documents end with </s> (id 2), not <EOD>: using </s> as end of document\n"
+    )
     assert resolve_eod(args, build_tokenizer(args)) == EOS
     assert capsys.readouterr().out == ""  # said once
 
@@ -88,9 +89,19 @@ def test_detection(corpora, capsys):
 @pytest.mark.parametrize("name, expected", [("eod", EOD), ("eos", EOS)])
 def test_gpt_dataset_masks_exactly_the_detected_eod(corpora, name, expected):
     directory, model, prefixes = corpora
-    args = make_args(model, ["--data-path", prefixes[name], "--split", "100,0,0",
-                             "--eod-mask-loss", "--reset-position-ids",
-                             "--data-cache-path", str(directory / f"cache_{name}")])
+    args = make_args(
+        model,
+        [
+            "--data-path",
+            prefixes[name],
+            "--split",
+            "100,0,0",
+            "--eod-mask-loss",
+            "--reset-position-ids",
+            "--data-cache-path",
+            str(directory / f"cache_{name}"),
+        ],
+    )
     tokenizer = build_tokenizer(args)
     train, _, _ = build_train_valid_test_datasets(args, tokenizer, [40, 0, 0])
     assert train.config.tokenizer.eod == expected
@@ -114,8 +125,10 @@ def test_override_wins(corpora, capsys):
         args = make_args(model, ["--data-path", prefixes["eos"], "--eod-token", value])
         assert resolve_eod(args, build_tokenizer(args)) == expected
     assert capsys.readouterr().out == ""  # no detection, no message
-    for value, message in (("<nope>", "--eod-token <nope>: not a token of the tokenizer"),
-                           ("600", "--eod-token 600: id out of range [0, 600)")):
+    for value, message in (
+        ("<nope>", "--eod-token <nope>: not a token of the tokenizer"),
+        ("600", "--eod-token 600: id out of range [0, 600)"),
+    ):
         args = make_args(model, ["--data-path", prefixes["eos"], "--eod-token", value])
         with pytest.raises(DataError, match=re.escape(message)):
             resolve_eod(args, build_tokenizer(args))
@@ -138,16 +151,16 @@ def test_documents_without_eod(corpora, capsys):
         with pytest.raises(DataError) as error:
             resolve_eod(args, build_tokenizer(args))
         message = str(error.value)
-        assert message.startswith(f"{prefixes['none']}: documents do not end with an "
-                                  f"end-of-document token (of 60 sampled: 0 end with <EOD>")
+        assert message.startswith(
+            f"{prefixes['none']}: documents do not end with an end-of-document token (of 60 sampled: 0 end with <EOD>"
+        )
         assert flag in message and "--append-eod" in message and "\n" not in message
     # Without document flags, concatenated documents are legitimate: a warning, the default eod.
     args = make_args(model, ["--data-path", prefixes["none"]])
     assert resolve_eod(args, build_tokenizer(args)) == EOD
     assert capsys.readouterr().out.startswith(f"warning: {prefixes['none']}: documents do not end")
     # --eod-token skips detection, for whoever wants document flags on such data anyway.
-    args = make_args(model, ["--data-path", prefixes["none"], "--eod-mask-loss", "--eod-token",
-                             "<EOD>"])
+    args = make_args(model, ["--data-path", prefixes["none"], "--eod-mask-loss", "--eod-token", "<EOD>"])
     assert resolve_eod(args, build_tokenizer(args)) == EOD
 
 
@@ -155,8 +168,7 @@ def test_mostly_ending_with_eod_warns(corpora, tmp_path, capsys):
     """A prefix merged from a --append-eod part and a small part without it."""
     _, model, prefixes = corpora
     tokenizer = build_tokenizer(make_args(model, []))
-    builder = CompactIndexedDatasetBuilder(str(tmp_path / "m.bin"),
-                                           dtype=check_indexed_dataset(prefixes["eos"]).dtype)
+    builder = CompactIndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=check_indexed_dataset(prefixes["eos"]).dtype)
     for _ in range(19):
         builder.add_index(prefixes["eos"])
     builder.add_index(prefixes["none"])

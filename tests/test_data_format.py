@@ -1,5 +1,6 @@
 """The MMIDIDX format: byte-for-byte compatibility with a writer made from the documented layout,
 and check_indexed_dataset's errors on missing, truncated and corrupt files."""
+
 import os
 import shutil
 import struct
@@ -49,8 +50,17 @@ def read_bytes(path):
 def test_preprocess_output_equals_reference_bytes(tmp_path, vocab_size, dtype):
     # NullTokenizer ids are the text itself; the documents without EOD are DOCS.
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": " ".join(map(str, d))} for d in DOCS])
-    done = run_tool("preprocess_data.py", "--input", corpus, "--tokenizer-type", "NullTokenizer",
-                    "--vocab-size", vocab_size, "--output-prefix", tmp_path / "ours")
+    done = run_tool(
+        "preprocess_data.py",
+        "--input",
+        corpus,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        vocab_size,
+        "--output-prefix",
+        tmp_path / "ours",
+    )
     assert done.returncode == 0, done.stderr
     reference_write(str(tmp_path / "ref"), DOCS, dtype)
     for ext in (".bin", ".idx"):
@@ -58,7 +68,7 @@ def test_preprocess_output_equals_reference_bytes(tmp_path, vocab_size, dtype):
     # Our reader loads the reference files.
     dataset = open_indexed_dataset(str(tmp_path / "ref"))
     assert dataset.index.dtype == dtype
-    assert [d.tolist() for d in dataset[0:len(DOCS)]] == DOCS
+    assert [d.tolist() for d in dataset[0 : len(DOCS)]] == DOCS
     info = check_indexed_dataset(str(tmp_path / "ref"))
     assert (info.num_documents, info.num_tokens) == (4, 11)
 
@@ -67,8 +77,7 @@ def test_compact_builder_matches_megatron_core_builder(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefixes = []
-    for name, builder_class in (("upstream", IndexedDatasetBuilder),
-                                ("compact", CompactIndexedDatasetBuilder)):
+    for name, builder_class in (("upstream", IndexedDatasetBuilder), ("compact", CompactIndexedDatasetBuilder)):
         prefix = str(tmp_path / name)
         builder = builder_class(prefix + ".bin", dtype=numpy.uint16)
         for doc in DOCS:
@@ -80,8 +89,7 @@ def test_compact_builder_matches_megatron_core_builder(tmp_path):
 
     # Merging (add_index) also agrees, and the merged dataset holds both parts in order.
     merged = []
-    for name, builder_class in (("m_upstream", IndexedDatasetBuilder),
-                                ("m_compact", CompactIndexedDatasetBuilder)):
+    for name, builder_class in (("m_upstream", IndexedDatasetBuilder), ("m_compact", CompactIndexedDatasetBuilder)):
         prefix = str(tmp_path / name)
         builder = builder_class(prefix + ".bin", dtype=numpy.uint16)
         builder.add_index(prefixes[0])
@@ -112,23 +120,32 @@ def truncate(path, size):
         f.truncate(size)
 
 
-@pytest.mark.parametrize("damage, file_named, message", [
-    (lambda p: os.remove(p + ".bin"), ".bin", "missing"),
-    (lambda p: os.remove(p + ".idx"), ".idx", "missing"),
-    (lambda p: truncate(p + ".idx", 20), ".idx", "shorter than the 34-byte header"),
-    (lambda p: corrupt(p + ".idx", 0, b"XXIDIDX"), ".idx", "not a Megatron MMIDIDX index"),
-    (lambda p: corrupt(p + ".idx", 9, struct.pack("<Q", 2)), ".idx", "unsupported index version 2"),
-    (lambda p: corrupt(p + ".idx", 17, b"\x63"), ".idx", "unknown dtype code 99"),
-    (lambda p: truncate(p + ".idx", 34 + 4 * 12), ".idx", "truncated or corrupt index"),
-    (lambda p: corrupt(p + ".idx", 18, struct.pack("<Q", 5)), ".idx", "truncated or corrupt"),
-    (lambda p: corrupt(p + ".idx", 34 + 16 + 8, struct.pack("<q", 4)), ".idx",
-     "sequence 1 starts at byte 4, expected 6"),
-    (lambda p: corrupt(p + ".idx", 34 + 4, struct.pack("<i", -1)), ".idx", "negative length"),
-    (lambda p: corrupt(p + ".idx", 34 + 48 + 32, struct.pack("<q", 7)), ".idx",
-     "document boundaries run from 0 to 7"),
-    (lambda p: truncate(p + ".bin", 10), ".bin", "truncated .bin"),
-    (lambda p: open(p + ".bin", "ab").write(b"\0\0"), ".bin", "24 bytes"),
-])
+@pytest.mark.parametrize(
+    "damage, file_named, message",
+    [
+        (lambda p: os.remove(p + ".bin"), ".bin", "missing"),
+        (lambda p: os.remove(p + ".idx"), ".idx", "missing"),
+        (lambda p: truncate(p + ".idx", 20), ".idx", "shorter than the 34-byte header"),
+        (lambda p: corrupt(p + ".idx", 0, b"XXIDIDX"), ".idx", "not a Megatron MMIDIDX index"),
+        (lambda p: corrupt(p + ".idx", 9, struct.pack("<Q", 2)), ".idx", "unsupported index version 2"),
+        (lambda p: corrupt(p + ".idx", 17, b"\x63"), ".idx", "unknown dtype code 99"),
+        (lambda p: truncate(p + ".idx", 34 + 4 * 12), ".idx", "truncated or corrupt index"),
+        (lambda p: corrupt(p + ".idx", 18, struct.pack("<Q", 5)), ".idx", "truncated or corrupt"),
+        (
+            lambda p: corrupt(p + ".idx", 34 + 16 + 8, struct.pack("<q", 4)),
+            ".idx",
+            "sequence 1 starts at byte 4, expected 6",
+        ),
+        (lambda p: corrupt(p + ".idx", 34 + 4, struct.pack("<i", -1)), ".idx", "negative length"),
+        (
+            lambda p: corrupt(p + ".idx", 34 + 48 + 32, struct.pack("<q", 7)),
+            ".idx",
+            "document boundaries run from 0 to 7",
+        ),
+        (lambda p: truncate(p + ".bin", 10), ".bin", "truncated .bin"),
+        (lambda p: open(p + ".bin", "ab").write(b"\0\0"), ".bin", "24 bytes"),
+    ],
+)
 def test_check_reports_the_bad_file(good, damage, file_named, message):
     damage(good)
     with pytest.raises(IndexedDatasetError) as error:
@@ -153,8 +170,7 @@ def test_check_mentions_unfinished_run(good):
 def test_merge_tool(tmp_path, good):
     second = str(tmp_path / "second")
     reference_write(second, [[1, 2], [3]], numpy.uint16)
-    done = run_tool("merge_datasets.py", "--input", good, second, "--output-prefix",
-                    tmp_path / "out" / "merged")
+    done = run_tool("merge_datasets.py", "--input", good, second, "--output-prefix", tmp_path / "out" / "merged")
     assert done.returncode == 0, done.stderr
     merged = open_indexed_dataset(str(tmp_path / "out" / "merged"))
     assert [d.tolist() for d in merged[0:6]] == DOCS + [[1, 2], [3]]

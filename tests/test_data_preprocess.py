@@ -1,5 +1,6 @@
 """tools/preprocess_data.py and tools/train_tokenizer.py end to end: round trips through the
 reader for each tokenizer type, worker counts, gzip input, long lines in tokenizer training."""
+
 import gzip
 import os
 import re
@@ -19,16 +20,16 @@ NUM_DOCS = 40
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     directory = tmp_path_factory.mktemp("corpus")
-    return write_jsonl(directory / "kjv40.jsonl", [{"text": t, "id": i}
-                                                   for i, t in enumerate(kjv_texts(NUM_DOCS))])
+    return write_jsonl(directory / "kjv40.jsonl", [{"text": t, "id": i} for i, t in enumerate(kjv_texts(NUM_DOCS))])
 
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
     """Trained with the real tool on the bundled .jsonl.gz corpus."""
     prefix = tmp_path_factory.mktemp("sp") / "kjv"
-    done = run_tool("train_tokenizer.py", "--input", KJV, "--json-keys", "text",
-                    "--vocab-size", 1000, "--output-prefix", prefix)
+    done = run_tool(
+        "train_tokenizer.py", "--input", KJV, "--json-keys", "text", "--vocab-size", 1000, "--output-prefix", prefix
+    )
     assert done.returncode == 0, done.stderr
     assert "read 1189 documents" in done.stdout
     return str(prefix) + ".model"
@@ -47,18 +48,35 @@ def tokenizer_flags(kind, directory, sp_model):
 
 def namespace(kind, flags):
     values = dict(zip(flags[0::2], flags[1::2]))
-    return Namespace(tokenizer_type=kind, tokenizer_model=values.get("--tokenizer-model"),
-                     vocab_file=values.get("--vocab-file"), merge_file=values.get("--merge-file"))
+    return Namespace(
+        tokenizer_type=kind,
+        tokenizer_model=values.get("--tokenizer-model"),
+        vocab_file=values.get("--vocab-file"),
+        merge_file=values.get("--merge-file"),
+    )
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                  "HuggingFaceTokenizer", "GPT2BPETokenizer"])
+@pytest.mark.parametrize(
+    "kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer"]
+)
 def test_round_trip(tmp_path, corpus, sp_model, kind):
     flags = tokenizer_flags(kind, tmp_path, sp_model)
-    done = run_tool("preprocess_data.py", "--input", corpus, "--json-keys", "text",
-                    "--tokenizer-type", kind, *flags, "--append-eod",
-                    "--output-prefix", tmp_path / "out" / "kjv", "--workers", 2)
+    done = run_tool(
+        "preprocess_data.py",
+        "--input",
+        corpus,
+        "--json-keys",
+        "text",
+        "--tokenizer-type",
+        kind,
+        *flags,
+        "--append-eod",
+        "--output-prefix",
+        tmp_path / "out" / "kjv",
+        "--workers",
+        2,
+    )
     assert done.returncode == 0, done.stderr
     assert f"documents: {NUM_DOCS}" in done.stdout and "0 bad lines" in done.stdout
     prefix = str(tmp_path / "out" / "kjv_text_document")
@@ -71,33 +89,57 @@ def test_round_trip(tmp_path, corpus, sp_model, kind):
         assert tokenizer.detokenize(ids[:-1].tolist()) == text
     info = check_indexed_dataset(prefix)
     assert f"tokens: {info.num_tokens}" in done.stdout
-    assert sorted(os.listdir(tmp_path / "out")) == ["kjv_text_document.bin",
-                                                    "kjv_text_document.idx"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["kjv_text_document.bin", "kjv_text_document.idx"]
 
 
 @pytest.mark.timeout(120)
 def test_null_tokenizer_gzip_two_keys_and_worker_counts(tmp_path):
-    records = [{"text": " ".join(str((i * 7 + j) % 50) for j in range(i % 9)), "title": str(i % 50)}
-               for i in range(3000)]
+    records = [
+        {"text": " ".join(str((i * 7 + j) % 50) for j in range(i % 9)), "title": str(i % 50)} for i in range(3000)
+    ]
     plain = write_jsonl(tmp_path / "ids.jsonl", records)
     with open(plain, "rb") as src, gzip.open(tmp_path / "ids.jsonl.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     # Two workers on the .gz through the command line; one in-process on the plain file.
-    done = run_tool("preprocess_data.py", "--input", tmp_path / "ids.jsonl.gz", "--json-keys",
-                    "text", "title", "--tokenizer-type", "NullTokenizer", "--vocab-size", 50,
-                    "--append-eod", "--output-prefix", tmp_path / "w2", "--workers", 2)
+    done = run_tool(
+        "preprocess_data.py",
+        "--input",
+        tmp_path / "ids.jsonl.gz",
+        "--json-keys",
+        "text",
+        "title",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        50,
+        "--append-eod",
+        "--output-prefix",
+        tmp_path / "w2",
+        "--workers",
+        2,
+    )
     assert done.returncode == 0, done.stderr
     # Every 9th text is empty: skipped and counted.
     assert "skipped: 334 empty documents, 0 blank lines, 0 bad lines" in done.stdout
     # Without a terminal, progress lines instead of a bar (one per batch at most).
-    assert re.search(r"processed \d+ documents \(\d+ docs/s, \d+ tokens/s, [.\d]+ MB/s\)",
-                     done.stderr)
-    stats = preprocess([plain], ["text", "title"], Namespace(tokenizer_type="NullTokenizer",
-                       vocab_size=50), str(tmp_path / "w1"), append_eod=True, workers=1)
+    assert re.search(r"processed \d+ documents \(\d+ docs/s, \d+ tokens/s, [.\d]+ MB/s\)", done.stderr)
+    stats = preprocess(
+        [plain],
+        ["text", "title"],
+        Namespace(tokenizer_type="NullTokenizer", vocab_size=50),
+        str(tmp_path / "w1"),
+        append_eod=True,
+        workers=1,
+    )
     assert stats.empty_documents == {"text": 334, "title": 0}
-    outputs = {workers: {ext: open(tmp_path / f"w{workers}_{key}_document{ext}", "rb").read()
-                         for key in ("text", "title") for ext in (".bin", ".idx")}
-               for workers in (1, 2)}
+    outputs = {
+        workers: {
+            ext: open(tmp_path / f"w{workers}_{key}_document{ext}", "rb").read()
+            for key in ("text", "title")
+            for ext in (".bin", ".idx")
+        }
+        for workers in (1, 2)
+    }
     assert outputs[1] == outputs[2]  # same bytes, in input order, whatever the worker count
     texts = open_indexed_dataset(str(tmp_path / "w2_text_document"))
     kept = [r["text"] for r in records if r["text"]]
@@ -118,8 +160,15 @@ def test_train_tokenizer_splits_and_reports_long_lines(tmp_path):
     long_line = "In the beginning God created the heaven and the earth. " * 200  # 11,200 bytes
     text_file = tmp_path / "plain.txt"
     text_file.write_text("\n".join(kjv_texts(30)) + "\n" + long_line + "\n", encoding="utf-8")
-    done = run_tool("train_tokenizer.py", "--input", str(tmp_path / "*.txt"), "--vocab-size", 600,
-                    "--output-prefix", tmp_path / "tok")
+    done = run_tool(
+        "train_tokenizer.py",
+        "--input",
+        str(tmp_path / "*.txt"),
+        "--vocab-size",
+        600,
+        "--output-prefix",
+        tmp_path / "tok",
+    )
     assert done.returncode == 0, done.stderr
     assert "split 1 lines longer than 4192 bytes into 3 pieces" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt", "tok.model", "tok.vocab"]

@@ -1,5 +1,6 @@
 """The Megatron pretraining sampler: data-parallel layouts see the same global batches, and a
 resumed run continues the same sequence."""
+
 import pytest
 import torch
 
@@ -16,14 +17,12 @@ class IndexDataset(torch.utils.data.Dataset):
         return self.size
 
     def __getitem__(self, i):
-        return {"tokens": torch.tensor([i, i]), "labels": torch.tensor([i, i]),
-                "loss_mask": torch.ones(2)}
+        return {"tokens": torch.tensor([i, i]), "labels": torch.tensor([i, i]), "loss_mask": torch.ones(2)}
 
 
 def global_batches(total, micro, dp, accumulation, consumed=0):
     """Per step: the sorted indices all ranks consumed over `accumulation` micro-batches."""
-    iterators = [iter(MegatronPretrainingSampler(total, consumed, micro, rank, dp))
-                 for rank in range(dp)]
+    iterators = [iter(MegatronPretrainingSampler(total, consumed, micro, rank, dp)) for rank in range(dp)]
     steps = []
     while True:
         try:
@@ -52,8 +51,7 @@ def test_dp1_and_dp2_see_the_same_global_batches(total):
 
 
 def test_resume_from_consumed_samples_continues_the_sequence():
-    full = [batch for rank in range(2)
-            for batch in MegatronPretrainingSampler(40, 0, 2, rank, 2)]
+    full = [batch for rank in range(2) for batch in MegatronPretrainingSampler(40, 0, 2, rank, 2)]
     uninterrupted = {rank: list(MegatronPretrainingSampler(40, 0, 2, rank, 2)) for rank in range(2)}
     resumed = {rank: list(MegatronPretrainingSampler(40, 12, 2, rank, 2)) for rank in range(2)}
     for rank in range(2):
@@ -63,21 +61,24 @@ def test_resume_from_consumed_samples_continues_the_sequence():
 
 def test_data_loader_batches_and_resume():
     dataset = IndexDataset(20)
-    loader = build_data_loader(dataset, consumed_samples=4, micro_batch_size=2,
-                               data_parallel_rank=1, data_parallel_size=2)
+    loader = build_data_loader(
+        dataset, consumed_samples=4, micro_batch_size=2, data_parallel_rank=1, data_parallel_size=2
+    )
     batches = list(loader)
     assert [b["tokens"][:, 0].tolist() for b in batches] == [[6, 7], [10, 11], [14, 15], [18, 19]]
-    assert batches[0]["tokens"].shape == (2, 2) and set(batches[0]) == {"tokens", "labels",
-                                                                        "loss_mask"}
+    assert batches[0]["tokens"].shape == (2, 2) and set(batches[0]) == {"tokens", "labels", "loss_mask"}
     assert build_data_loader(None, 0, 2, 0, 1) is None
 
 
-@pytest.mark.parametrize("args, message", [
-    ((10, 10, 2, 0, 1), "consumed samples 10 must be in [0, 10)"),
-    ((10, 0, 2, 2, 2), "data_parallel_rank 2 is outside [0, 2)"),
-    ((0, 0, 2, 0, 1), "no samples"),
-    ((10, 0, 0, 0, 1), "must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((10, 10, 2, 0, 1), "consumed samples 10 must be in [0, 10)"),
+        ((10, 0, 2, 2, 2), "data_parallel_rank 2 is outside [0, 2)"),
+        ((0, 0, 2, 0, 1), "no samples"),
+        ((10, 0, 0, 0, 1), "must be positive"),
+    ],
+)
 def test_sampler_errors(args, message):
     with pytest.raises(DataError) as error:
         MegatronPretrainingSampler(*args)

@@ -1,4 +1,5 @@
 """Helpers shared by the tests/test_data_*.py files and benchmarks/preprocess_bench.py (no tests here)."""
+
 import gzip
 import json
 import os
@@ -18,8 +19,14 @@ def tool_env() -> dict:
 
 def run_tool(script: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run tools/<script> with this Python; returns the finished process (output captured)."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=tool_env())
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=tool_env(),
+    )
 
 
 def write_jsonl(path, records) -> str:
@@ -56,8 +63,11 @@ def make_hf_tokenizer_json(directory) -> str:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(kjv_texts(50), trainer=trainer)
     path = os.path.join(str(directory), "tokenizer.json")
     tokenizer.save(path)
@@ -66,8 +76,9 @@ def make_hf_tokenizer_json(directory) -> str:
 
 def gpt2_bytes_to_unicode() -> dict:
     """GPT-2's reversible byte -> printable character table (as published with GPT-2)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -81,8 +92,7 @@ def gpt2_bytes_to_unicode() -> dict:
 def make_gpt2_files(directory) -> tuple:
     """A tiny GPT-2 vocab.json/merges.txt: the 256 byte symbols, a few merges, <|endoftext|>."""
     symbols = [gpt2_bytes_to_unicode()[b] for b in range(256)]
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n"), ("an", "d"),
-              ("Ġ", "and")]
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n"), ("an", "d"), ("Ġ", "and")]
     vocab = {symbol: i for i, symbol in enumerate(symbols)}
     for left, right in merges:
         vocab[left + right] = len(vocab)

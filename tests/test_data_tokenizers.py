@@ -1,4 +1,5 @@
 """Tokenizers behind --tokenizer-type: vocab sizes, eod ids, round trips, padding, errors."""
+
 import pickle
 from argparse import Namespace
 
@@ -25,8 +26,12 @@ def test_pad_vocab_size_follows_megatron_rule():
 
 
 def test_sentencepiece_types(sp_model):
-    args = Namespace(tokenizer_type="SentencePieceTokenizer", tokenizer_model=sp_model,
-                     make_vocab_size_divisible_by=128, tensor_model_parallel_size=2)
+    args = Namespace(
+        tokenizer_type="SentencePieceTokenizer",
+        tokenizer_model=sp_model,
+        make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=2,
+    )
     megatron_style = build_tokenizer(args)
     # The trained model carries Megatron's specials, so nothing is appended: vocab == 1000.
     assert megatron_style.vocab_size == 1000 and args.padded_vocab_size == 1024
@@ -35,8 +40,7 @@ def test_sentencepiece_types(sp_model):
     assert megatron_style.detokenize(ids) == TEXT
     assert max(ids) < 1000 and min(ids) >= 0
 
-    gpt_style = build_tokenizer(Namespace(tokenizer_type="GPTSentencePieceTokenizer",
-                                          tokenizer_model=sp_model))
+    gpt_style = build_tokenizer(Namespace(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=sp_model))
     assert gpt_style.vocab_size == 1000 and gpt_style.eod == 2  # </s>
     assert gpt_style.tokenize(TEXT) == ids
     # Byte fallback: characters never seen in training still round-trip.
@@ -50,10 +54,15 @@ def test_sentencepiece_appends_megatron_specials_when_missing(tmp_path):
     from test_data_support import kjv_texts
 
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(kjv_texts(100)), model_prefix=str(tmp_path / "plain"),
-        vocab_size=500, model_type="bpe", minloglevel=2)  # no <CLS>/<SEP>/<EOD>/<MASK>, no pad
-    tokenizer = build_tokenizer(Namespace(tokenizer_type="SentencePieceTokenizer",
-                                          tokenizer_model=str(tmp_path / "plain.model")))
+        sentence_iterator=iter(kjv_texts(100)),
+        model_prefix=str(tmp_path / "plain"),
+        vocab_size=500,
+        model_type="bpe",
+        minloglevel=2,
+    )  # no <CLS>/<SEP>/<EOD>/<MASK>, no pad
+    tokenizer = build_tokenizer(
+        Namespace(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tmp_path / "plain.model"))
+    )
     # Megatron-LM appends <CLS>, <SEP>, <EOD>, <MASK>, then <PAD> (the model has no pad piece).
     assert tokenizer.vocab_size == 505
     assert tokenizer.eod == 502
@@ -62,22 +71,19 @@ def test_sentencepiece_appends_megatron_specials_when_missing(tmp_path):
 
 def test_huggingface_tokenizer_json(tmp_path):
     path = make_hf_tokenizer_json(tmp_path)
-    tokenizer = build_tokenizer(Namespace(tokenizer_type="HuggingFaceTokenizer",
-                                          tokenizer_model=path))
+    tokenizer = build_tokenizer(Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=path))
     assert tokenizer.eod == 0  # <|endoftext|>, the first special token
     assert tokenizer.vocab_size == 400
     ids = tokenizer.tokenize(TEXT)
     assert tokenizer.detokenize(ids) == TEXT
     # A folder holding tokenizer.json works too, as with HuggingFace checkpoints.
-    by_folder = build_tokenizer(Namespace(tokenizer_type="HuggingFaceTokenizer",
-                                          tokenizer_model=str(tmp_path)))
+    by_folder = build_tokenizer(Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path)))
     assert by_folder.tokenize(TEXT) == ids
 
 
 def test_gpt2_bpe(tmp_path):
     vocab, merges = make_gpt2_files(tmp_path)
-    tokenizer = build_tokenizer(Namespace(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab,
-                                          merge_file=merges))
+    tokenizer = build_tokenizer(Namespace(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab, merge_file=merges))
     assert tokenizer.vocab_size == 256 + 7 + 1 and tokenizer.eod == 263
     ids = tokenizer.tokenize("the and")
     # GPT-2 pre-tokenizes into "the", " and"; " and" is the last merge (id 262).
@@ -95,22 +101,35 @@ def test_null_tokenizer():
         tokenizer.tokenize("1 two")
 
 
-@pytest.mark.parametrize("args, message", [
-    (dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nope/tok.model"),
-     "--tokenizer-model /nope/tok.model: no such file"),
-    (dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="/nope/tokenizer.json"),
-     "--tokenizer-model /nope/tokenizer.json: no such file"),
-    (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="/nope/vocab.json", merge_file="m.txt"),
-     "--vocab-file /nope/vocab.json: no such file"),
-    (dict(tokenizer_type="SentencePieceTokenizer"), "--tokenizer-model is required"),
-    (dict(tokenizer_type="NullTokenizer"), "needs --vocab-size"),
-    (dict(tokenizer_type="BertTokenizer"), "--tokenizer-type BertTokenizer: unknown"),
-    (dict(), "--tokenizer-type is required"),
-    (dict(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=__file__),
-     f"--tokenizer-model {__file__}: not a SentencePiece model"),
-    (dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=__file__),
-     f"--tokenizer-model {__file__}: not a HuggingFace tokenizer.json"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nope/tok.model"),
+            "--tokenizer-model /nope/tok.model: no such file",
+        ),
+        (
+            dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="/nope/tokenizer.json"),
+            "--tokenizer-model /nope/tokenizer.json: no such file",
+        ),
+        (
+            dict(tokenizer_type="GPT2BPETokenizer", vocab_file="/nope/vocab.json", merge_file="m.txt"),
+            "--vocab-file /nope/vocab.json: no such file",
+        ),
+        (dict(tokenizer_type="SentencePieceTokenizer"), "--tokenizer-model is required"),
+        (dict(tokenizer_type="NullTokenizer"), "needs --vocab-size"),
+        (dict(tokenizer_type="BertTokenizer"), "--tokenizer-type BertTokenizer: unknown"),
+        (dict(), "--tokenizer-type is required"),
+        (
+            dict(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=__file__),
+            f"--tokenizer-model {__file__}: not a SentencePiece model",
+        ),
+        (
+            dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=__file__),
+            f"--tokenizer-model {__file__}: not a HuggingFace tokenizer.json",
+        ),
+    ],
+)
 def test_tokenizer_errors_name_flag_and_path(args, message):
     with pytest.raises(DataError) as error:
         build_tokenizer(Namespace(**args))

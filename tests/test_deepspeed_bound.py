@@ -6,6 +6,7 @@ Every weight matrix is pushed to 1.5x its unit-norm init, so the bound acts at e
 without it (or with it on the model copy only) the weights end ~1.5x off. The runs of each
 file section share one spawn: starting a process that imports DeepSpeed takes ~10 s here.
 """
+
 import pytest
 import torch
 from distributed import full_named_tensors, run_distributed
@@ -64,9 +65,15 @@ def _reference(arch):
         opt.step()
         constrain_parameters_(model.parameters())
         losses.append(loss.item())
-    return dict(losses=torch.tensor(losses), weights={n: p.detach().clone() for n, p in model.named_parameters()},
-                dims={n: p.norm_constraint.dim for n, p in model.named_parameters()
-                      if getattr(p, "norm_constraint", None) is not None})
+    return dict(
+        losses=torch.tensor(losses),
+        weights={n: p.detach().clone() for n, p in model.named_parameters()},
+        dims={
+            n: p.norm_constraint.dim
+            for n, p in model.named_parameters()
+            if getattr(p, "norm_constraint", None) is not None
+        },
+    )
 
 
 def _ds_config(stage, bf16=False, grad_accum_fp32=False):
@@ -94,8 +101,7 @@ def _engine(arch, tp, config):
     from an_megatron.parallel import DeepSpeedMPU
 
     model = _tiny_lm(arch, tp)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=_adam(model.parameters()), config=config,
-                                      mpu=DeepSpeedMPU)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=_adam(model.parameters()), config=config, mpu=DeepSpeedMPU)
     return engine, register_norm_bound(engine)
 
 
@@ -110,7 +116,7 @@ def _train(engine, reload_dir=None):
         if reload_dir is not None and step == 2:
             engine.save_checkpoint(reload_dir, tag="step2")
             engine.load_checkpoint(reload_dir, tag="step2")
-        mine = tokens[dp_rank() * half:(dp_rank() + 1) * half]
+        mine = tokens[dp_rank() * half : (dp_rank() + 1) * half]
         loss = engine(mine[:, :-1], mine[:, 1:])
         engine.backward(loss)
         engine.step()
@@ -160,16 +166,33 @@ def _fp32_modes(tp, modes, checkpoint_dir=None):
         engine, bound = _engine(arch, tp, _ds_config(stage))
         cuts = _zero12_cuts_a_row(engine) if stage in (1, 2) else None
         losses = _train(engine, f"{checkpoint_dir}/{arch}-{stage}" if "reload" in key else None)
-        out[key] = dict(mode=bound.mode, wrapper=type(engine.optimizer).__name__, losses=losses,
-                        weights=_full_weights(engine), cuts_a_row=cuts)
+        out[key] = dict(
+            mode=bound.mode,
+            wrapper=type(engine.optimizer).__name__,
+            losses=losses,
+            weights=_full_weights(engine),
+            cuts_a_row=cuts,
+        )
         engine.destroy()
     return out
 
 
-FP32_MODES = [("angpt", 0), ("angpt", 1), ("angpt", 2), ("angpt", 3), ("ngpt", 2), ("ngpt", 3),
-              ("angpt", 1, "reload"), ("angpt", 3, "reload")]
-WRAPPERS = {0: ("dense", "Adam"), 1: ("zero-1/2", "DeepSpeedZeroOptimizer"),
-            2: ("zero-1/2", "DeepSpeedZeroOptimizer"), 3: ("zero-3", "DeepSpeedZeroOptimizer_Stage3")}
+FP32_MODES = [
+    ("angpt", 0),
+    ("angpt", 1),
+    ("angpt", 2),
+    ("angpt", 3),
+    ("ngpt", 2),
+    ("ngpt", 3),
+    ("angpt", 1, "reload"),
+    ("angpt", 3, "reload"),
+]
+WRAPPERS = {
+    0: ("dense", "Adam"),
+    1: ("zero-1/2", "DeepSpeedZeroOptimizer"),
+    2: ("zero-1/2", "DeepSpeedZeroOptimizer"),
+    3: ("zero-3", "DeepSpeedZeroOptimizer_Stage3"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +252,11 @@ def _full_masters(engine):
         hp_of = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
         return {n: hp_of[id(p)].detach().clone() for n, p in engine.module.named_parameters()}
     if isinstance(opt, FP16_Optimizer):  # split the flat copies the way its step() does
-        hp_of = {id(lp): hp for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)
-                 for lp, hp in zip(lps, _unflatten_dense_tensors(flat, lps))}
+        hp_of = {
+            id(lp): hp
+            for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)
+            for lp, hp in zip(lps, _unflatten_dense_tensors(flat, lps))
+        }
         return {n: hp_of[id(p)].detach().clone() for n, p in engine.module.named_parameters()}
     return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
 
@@ -256,8 +282,9 @@ class _FusedStage0:
         from an_megatron.parallel import DeepSpeedMPU
 
         self.module = _tiny_lm("angpt", 1).to(torch.bfloat16)
-        self.optimizer = FP16_Optimizer(_adam(self.module.parameters()), low_precision_dtype=torch.bfloat16,
-                                        mpu=DeepSpeedMPU, clip_grad=0.0)
+        self.optimizer = FP16_Optimizer(
+            _adam(self.module.parameters()), low_precision_dtype=torch.bfloat16, mpu=DeepSpeedMPU, clip_grad=0.0
+        )
 
     def __call__(self, tokens, labels):
         return self.module(tokens, labels)
@@ -293,10 +320,18 @@ def _bf16_modes():
         else:
             engine, bound = _engine("angpt", 1, _ds_config(*config_args))
         _train(engine)
-        dims = {n: p.norm_constraint.dim for n, p in engine.module.named_parameters()
-                if getattr(p, "norm_constraint", None) is not None}
-        out[name] = dict(mode=bound.mode, wrapper=type(engine.optimizer).__name__, dims=dims,
-                         masters=_full_masters(engine), weights=_full_weights(engine))
+        dims = {
+            n: p.norm_constraint.dim
+            for n, p in engine.module.named_parameters()
+            if getattr(p, "norm_constraint", None) is not None
+        }
+        out[name] = dict(
+            mode=bound.mode,
+            wrapper=type(engine.optimizer).__name__,
+            dims=dims,
+            masters=_full_masters(engine),
+            weights=_full_weights(engine),
+        )
         engine.destroy()
     return out
 

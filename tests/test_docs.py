@@ -1,6 +1,7 @@
 """The documentation's links: every relative link in README.md, docs/*.md and benchmarks/RESULTS.md
 resolves to a file or directory inside the repository (and, into a Markdown file, to a heading
 that exists), and no document points at material outside the repository (``../shared``)."""
+
 from __future__ import annotations
 
 import glob
@@ -123,7 +124,7 @@ def test_the_checker_reports_bad_links(tmp_path):
         "# Doc\n\n"
         "[ok](OTHER.md) [ok anchor](OTHER.md#the-default-nu_att-factor) [ok dup](OTHER.md#title-1)\n"
         "[ok dir](../docs/) [ok self](#doc) [web](https://example.org/x) [mail](mailto:a@b.c)\n"
-        "![ok image](OTHER.md \"title\")\n"
+        '![ok image](OTHER.md "title")\n'
         "`[in code](missing-in-code.md)`\n"
         "```\n[in a fence](missing-in-fence.md)\n```\n"
         "[missing](MISSING.md)\n"
@@ -135,6 +136,12 @@ def test_the_checker_reports_bad_links(tmp_path):
     )
     problems = link_problems(str(repo / "docs" / "DOC.md"), str(repo))
     assert len(problems) == 6, problems
-    for line, text in [(10, "MISSING.md"), (11, "leaves the repository"), (12, "#nope"), (13, "#nope"),
-                       (14, "img/missing.png"), (15, "missing-ref.md")]:
+    for line, text in [
+        (10, "MISSING.md"),
+        (11, "leaves the repository"),
+        (12, "#nope"),
+        (13, "#nope"),
+        (14, "img/missing.png"),
+        (15, "missing-ref.md"),
+    ]:
         assert any(p.startswith(f"docs/DOC.md:{line}:") and text in p for p in problems), (line, problems)

@@ -1,5 +1,6 @@
 """Document masking (--reset-attention-mask, --reset-position-ids): packed documents are computed
 as if each were alone, with Megatron's document boundaries."""
+
 import pytest
 import torch
 
@@ -9,7 +10,13 @@ from an_megatron.model.attention import document_bias, visible_keys
 
 SMALL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=24)
 EOD = 0
-VARIANTS = [("angpt", "gaussian"), ("angpt", "exact"), ("angpt", "dense"), ("ngpt", "gaussian"), ("gptplus", "gaussian")]
+VARIANTS = [
+    ("angpt", "gaussian"),
+    ("angpt", "exact"),
+    ("angpt", "dense"),
+    ("ngpt", "gaussian"),
+    ("gptplus", "gaussian"),
+]
 
 
 def test_document_ids_match_megatron_masks_and_positions():
@@ -85,8 +92,9 @@ def test_varlen_kernel_matches_mask_on_cuda():
     starts[1, [63]] = 1
     docs = starts.cumsum(1).cuda()
     out = attention(q, k, v, 0.2, docs)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.2,
-                                         attn_mask=document_bias(docs, torch.float32))
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), scale=0.2, attn_mask=document_bias(docs, torch.float32)
+    )
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))

@@ -1,4 +1,5 @@
 """Every factor against a Monte-Carlo estimate on random unit inputs (d = 512)."""
+
 import math
 
 import pytest

@@ -7,6 +7,7 @@ error at most ``2^-(m+1)`` (``finfo.eps / 2``: 2^-4 for e4m3, 2^-3 for e5m2) for
 normal range, and absolute error at most half the subnormal spacing (``tiny * eps / 2``) below
 it. Matmul bounds below are the elementwise worst case built from these, not fitted numbers.
 """
+
 import argparse
 import math
 
@@ -51,8 +52,16 @@ def test_fp8_flags_reach_the_config():
 
 def test_te_flags_reach_the_config(monkeypatch):
     monkeypatch.setattr(fp8, "transformer_engine_installed", lambda: True)
-    args = parse("--transformer-impl", "transformer_engine", "--fp8-format", "e4m3", "--fp8-amax-history-len", "16",
-                 "--fp8-amax-compute-algo", "max")
+    args = parse(
+        "--transformer-impl",
+        "transformer_engine",
+        "--fp8-format",
+        "e4m3",
+        "--fp8-amax-history-len",
+        "16",
+        "--fp8-amax-compute-algo",
+        "max",
+    )
     config = model_config_from_args(args, 128)
     assert (config.fp8_backend, config.fp8_recipe) == ("te", "delayed")  # Megatron's default recipe
     assert (config.fp8_amax_history_len, config.fp8_amax_compute_algo) == (16, "max")
@@ -63,16 +72,19 @@ def test_bad_choice_is_rejected_by_the_parser():
         parse("--fp8-format", "e5m2")
 
 
-@pytest.mark.parametrize("overrides, flag", [
-    (dict(fp8="e4m3"), "--fp8-backend te needs --transformer-impl transformer_engine"),
-    (dict(fp8="hybrid", fp8_backend="torch", fp8_recipe="delayed"), "--fp8-recipe tensorwise"),
-    (dict(fp8="hybrid", fp8_backend="torch", fp8_margin=-1), "--fp8-margin -1"),
-    (dict(fp8="hybrid", fp8_backend="torch", fp8_amax_history_len=16), "--fp8-amax-history-len"),
-    (dict(fp8_recipe="tensorwise"), "--fp8-recipe tensorwise has no effect without --fp8-format"),
-    (dict(fp8_backend="torch"), "--fp8-backend torch has no effect without --fp8-format"),
-    (dict(transformer_impl="apex"), "--transformer-impl 'apex'"),
-    (dict(fp8="fp8"), "--fp8-format 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        (dict(fp8="e4m3"), "--fp8-backend te needs --transformer-impl transformer_engine"),
+        (dict(fp8="hybrid", fp8_backend="torch", fp8_recipe="delayed"), "--fp8-recipe tensorwise"),
+        (dict(fp8="hybrid", fp8_backend="torch", fp8_margin=-1), "--fp8-margin -1"),
+        (dict(fp8="hybrid", fp8_backend="torch", fp8_amax_history_len=16), "--fp8-amax-history-len"),
+        (dict(fp8_recipe="tensorwise"), "--fp8-recipe tensorwise has no effect without --fp8-format"),
+        (dict(fp8_backend="torch"), "--fp8-backend torch has no effect without --fp8-format"),
+        (dict(transformer_impl="apex"), "--transformer-impl 'apex'"),
+        (dict(fp8="fp8"), "--fp8-format 'fp8'"),
+    ],
+)
 def test_config_errors_name_the_flag(overrides, flag):
     with pytest.raises(ValueError, match=None) as e:
         ModelConfig(**SMALL, **overrides)
@@ -87,12 +99,18 @@ def test_torch_backend_with_te_impl_is_an_error(monkeypatch):
 
 
 # ---- Transformer Engine: recipe and lazy import ------------------------------------------------
-@pytest.mark.parametrize("recipe, name, kwargs", [
-    ("delayed", "DelayedScaling",
-     dict(fp8_format="HYBRID", margin=1, amax_history_len=16, amax_compute_algo="max")),
-    ("tensorwise", "Float8CurrentScaling", dict(fp8_format="HYBRID")),
-    ("mxfp8", "MXFP8BlockScaling", dict(fp8_format="HYBRID")),
-])
+@pytest.mark.parametrize(
+    "recipe, name, kwargs",
+    [
+        (
+            "delayed",
+            "DelayedScaling",
+            dict(fp8_format="HYBRID", margin=1, amax_history_len=16, amax_compute_algo="max"),
+        ),
+        ("tensorwise", "Float8CurrentScaling", dict(fp8_format="HYBRID")),
+        ("mxfp8", "MXFP8BlockScaling", dict(fp8_format="HYBRID")),
+    ],
+)
 def test_te_recipe_kwargs(recipe, name, kwargs):
     history, algo = (16, "max") if recipe == "delayed" else (1, "most_recent")
     assert fp8.te_recipe_kwargs("hybrid", recipe, 1, history, algo) == (name, kwargs)
@@ -113,9 +131,31 @@ def test_missing_te_is_a_one_line_error_with_the_install_command():
 def test_missing_te_fails_the_training_entry_point_in_one_line(capsys):
     from an_megatron.training.pretrain import pretrain
 
-    rc = pretrain(["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--train-iters", "1",
-                   "--lr", "1e-3", "--micro-batch-size", "1", "--global-batch-size", "1", "--num-layers", "1",
-                   "--hidden-size", "64", "--seq-length", "16", "--transformer-impl", "transformer_engine"])
+    rc = pretrain(
+        [
+            "--mock-data",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "128",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--num-layers",
+            "1",
+            "--hidden-size",
+            "64",
+            "--seq-length",
+            "16",
+            "--transformer-impl",
+            "transformer_engine",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
     assert err[-1].startswith("error: --transformer-impl transformer_engine") and "pip install" in err[-1]
@@ -135,15 +175,24 @@ def test_te_linears_import_lazily(monkeypatch, single_process):
 # ---- the model picks its linears ------------------------------------------------------------------
 def _linears(model):
     block = model.layers[0]
-    return dict(qkv=block.attention.qkv, proj=block.attention.proj, up_gate=block.mlp.up_gate, down=block.mlp.down,
-                output=model.head.output)
+    return dict(
+        qkv=block.attention.qkv,
+        proj=block.attention.proj,
+        up_gate=block.mlp.up_gate,
+        down=block.mlp.down,
+        output=model.head.output,
+    )
 
 
 def test_model_builds_torch_fp8_linears_and_keeps_the_logits_layer_local(single_process):
     layers = _linears(GPTModel(ModelConfig(**SMALL, **TORCH_FP8)))
     assert {n: type(m).__name__ for n, m in layers.items()} == dict(
-        qkv="TorchFP8ColumnParallelLinear", proj="TorchFP8RowParallelLinear",
-        up_gate="TorchFP8ColumnParallelLinear", down="TorchFP8RowParallelLinear", output="ColumnParallelLinear")
+        qkv="TorchFP8ColumnParallelLinear",
+        proj="TorchFP8RowParallelLinear",
+        up_gate="TorchFP8ColumnParallelLinear",
+        down="TorchFP8RowParallelLinear",
+        output="ColumnParallelLinear",
+    )
     assert isinstance(layers["qkv"], TorchFP8ColumnParallelLinear)
     assert isinstance(layers["down"], TorchFP8RowParallelLinear)
     assert layers["qkv"].fp8_scaling == fp8.FP8Scaling(E4M3, E5M2, 0)
@@ -246,8 +295,9 @@ def scaled_mm_on_cpu(monkeypatch):
     try:
         torch._scaled_mm(a, a.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError):
-        monkeypatch.setattr(fp8, "scaled_matmul",
-                            lambda a, sa, b, sb, out_dtype: ((a.float() * sa) @ (b.float() * sb)).to(out_dtype))
+        monkeypatch.setattr(
+            fp8, "scaled_matmul", lambda a, sa, b, sb, out_dtype: ((a.float() * sa) @ (b.float() * sb)).to(out_dtype)
+        )
 
 
 def test_scaled_matmul_is_dequantize_then_matmul(scaled_mm_on_cpu):
@@ -290,8 +340,7 @@ def test_frozen_weight_gets_no_gradient(scaled_mm_on_cpu):
 
 
 # ---- tensor parallelism: megatron-core's communication is kept ---------------------------------------
-TP_SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256,
-                seq_length=32)
+TP_SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
 
 
 def _tp_loss_and_grads(tp, extra, exact_matmul):
@@ -304,8 +353,9 @@ def _tp_loss_and_grads(tp, extra, exact_matmul):
         impl.fp8_linear = lambda x, w, scaling: F.linear(x, w)
     initialize_parallel(tp, 1)
     model = GPTModel(ModelConfig(tensor_model_parallel_size=tp, **TP_SHAPE, **extra))
-    tokens = torch.randint(0, TP_SHAPE["vocab_size"], (3, TP_SHAPE["seq_length"] + 1),
-                           generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, TP_SHAPE["vocab_size"], (3, TP_SHAPE["seq_length"] + 1), generator=torch.Generator().manual_seed(1)
+    )
     loss = model.loss(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     return loss.detach(), full_named_tensors(model, tp_group(), grads=True)
@@ -319,7 +369,7 @@ def test_tp2_fp8_layers_keep_megatron_communication():
     TP=2 stays within the FP8 tolerance of TP=1 in fp32."""
     from distributed import run_distributed
 
-    (ref_loss, ref_grads), = run_distributed(_tp_loss_and_grads, 1, 1, {}, False)
+    ((ref_loss, ref_grads),) = run_distributed(_tp_loss_and_grads, 1, 1, {}, False)
     for exact in (True, False):
         for loss, grads in run_distributed(_tp_loss_and_grads, 2, 2, TORCH_FP8, exact):
             for name, g in ref_grads.items():
@@ -345,9 +395,11 @@ def test_fp8_linear_agrees_with_bf16_on_cuda(fp8_format):
     assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
     xf, wf = xb.detach().float(), wb.detach().float()
     bf16 = 2.0**-8  # bf16 output rounding, relative
-    for got, a, a_dt, b, b_dt in ((y, xf, scaling.forward, wf.t(), scaling.forward),
-                                  (xb.grad, g, scaling.grad, wf, scaling.forward),
-                                  (wb.grad, g.t(), scaling.grad, xf, scaling.forward)):
+    for got, a, a_dt, b, b_dt in (
+        (y, xf, scaling.forward, wf.t(), scaling.forward),
+        (xb.grad, g, scaling.grad, wf, scaling.forward),
+        (wb.grad, g.t(), scaling.grad, xf, scaling.forward),
+    ):
         ref = a @ b
         bound = product_error_bound(a, a_dt, b, b_dt) * (1 + bf16) + bf16 * ref.abs()
         assert ((got.float() - ref).abs() <= bound).all()

@@ -9,8 +9,22 @@ data-parallel ranks, gradient accumulation, loss averaging, pipeline batch feedi
 import pytest
 from test_training import MOCK, TINY, losses, run
 
-COMMON = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "5", "--lr", "1e-2", "--clip-grad", "0",
-          "--num-layers", "2", *TINY[2:], *MOCK]
+COMMON = [
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "5",
+    "--lr",
+    "1e-2",
+    "--clip-grad",
+    "0",
+    "--num-layers",
+    "2",
+    *TINY[2:],
+    *MOCK,
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +50,9 @@ def test_layout_losses_match_single_process(layout, reference, tmp_path):
     (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
     (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
     flags = [f.format(zero0=tmp_path / "zero0.json", zero3=tmp_path / "zero3.json") for f in LAYOUTS[layout]]
-    out = run(COMMON + flags + ["--metrics-file", str(tmp_path / "m.jsonl")],
-              launcher=["torchrun", "--nproc_per_node", "2"])
+    out = run(
+        COMMON + flags + ["--metrics-file", str(tmp_path / "m.jsonl")], launcher=["torchrun", "--nproc_per_node", "2"]
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     got = losses(tmp_path / "m.jsonl")
     assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]

@@ -1,4 +1,5 @@
 """Model structure: nGPT on the sphere, GPT+ against a plain reference, constraints, errors."""
+
 import math
 
 import pytest
@@ -49,7 +50,7 @@ class ReferenceGPTPlus(nn.Module):
         inv = 10000.0 ** (-torch.arange(0, dh, 2).float() / dh)
         ang = torch.outer(torch.arange(T).float(), inv)
         ang = torch.cat([ang, ang], -1)
-        x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+        x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
         return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
 
     def forward(self, tokens):

@@ -1,4 +1,5 @@
 """anGPT's row bound and nGPT's normalization: dense, tensor-parallel, and on flat fragments."""
+
 import pytest
 import torch
 from distributed import run_distributed
@@ -100,8 +101,9 @@ def _dp_partitioned_fragments(dim):
     w = torch.randn(5, 6)
     cut = 13
     start, piece = (0, w.view(-1)[:cut].clone()) if dp_rank() == 0 else (cut, w.view(-1)[cut:].clone())
-    constrain_fragments_([Fragment(piece, start, (5, 6), NormConstraint("normalize", dim=dim))],
-                         dp_group=dp_group(), dp_partitioned=True)
+    constrain_fragments_(
+        [Fragment(piece, start, (5, 6), NormConstraint("normalize", dim=dim))], dp_group=dp_group(), dp_partitioned=True
+    )
     return start, piece
 
 

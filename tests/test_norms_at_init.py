@@ -1,4 +1,5 @@
 """At initialization, every quantity an anGPT factor normalizes has measured norm near 1."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,17 @@ from an_megatron.model import GPTModel, ModelConfig
 from an_megatron.model.diagnostics import measure_norms
 
 SHAPE = dict(num_layers=4, hidden_size=512, num_attention_heads=8, vocab_size=1024, seq_length=128)
-ALWAYS = {"attention.tap_q", "attention.tap_k", "attention.tap_v", "mlp.tap_u", "mlp.tap_act", "mlp.tap_out",
-          "tap_h_attention", "tap_h_mlp", "embedding.tap_out"}
+ALWAYS = {
+    "attention.tap_q",
+    "attention.tap_k",
+    "attention.tap_v",
+    "mlp.tap_u",
+    "mlp.tap_act",
+    "mlp.tap_out",
+    "tap_h_attention",
+    "tap_h_mlp",
+    "embedding.tap_out",
+}
 AFTER_ATTENTION = {"attention.tap_heads", "attention.tap_out"}
 
 
@@ -76,9 +86,27 @@ def test_dense_overestimates_on_peaked_attention(single_process):
 
 def test_measure_norms_tool_json():
     out = subprocess.run(
-        [sys.executable, "tools/measure_norms.py", "--arch", "angpt", "--num-layers", "2", "--hidden-size", "128",
-         "--num-attention-heads", "4", "--seq-length", "64", "--vocab-size", "512", "--json"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "tools/measure_norms.py",
+            "--arch",
+            "angpt",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "128",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            "64",
+            "--vocab-size",
+            "512",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     records = [json.loads(line) for line in out.splitlines()]
     assert len(records) == 1 + 2 * 10

@@ -3,6 +3,7 @@
 Same global batch, same seed: the losses of 5 steps and the final weights must match, with the
 weights pushed past the norm bound so that it acts every step.
 """
+
 import functools
 import os
 
@@ -31,8 +32,13 @@ def _micro_batches(documents=False):
         if documents:
             batch["tokens"][torch.rand(batch["tokens"].shape, generator=gen) < 0.15] = 0  # EOD
             docs = document_ids(batch["tokens"], 0)
-            starts = torch.arange(docs.shape[1]).expand_as(docs).masked_fill(
-                torch.cat([torch.zeros_like(docs[:, :1]), docs[:, 1:] != docs[:, :-1]], 1) == 0, 0).cummax(1).values
+            starts = (
+                torch.arange(docs.shape[1])
+                .expand_as(docs)
+                .masked_fill(torch.cat([torch.zeros_like(docs[:, :1]), docs[:, 1:] != docs[:, :-1]], 1) == 0, 0)
+                .cummax(1)
+                .values
+            )
             batch.update(document_ids=docs, position_ids=torch.arange(docs.shape[1]) - starts)
         batches.append(batch)
     return batches
@@ -71,8 +77,10 @@ def _reference(arch, documents=False):
         step_loss = 0.0
         for _ in range(MICRO_BATCHES):
             b = next(batches)
-            loss = model.loss(b["tokens"], b["labels"], b["loss_mask"], b.get("position_ids"),
-                              b.get("document_ids")) / MICRO_BATCHES
+            loss = (
+                model.loss(b["tokens"], b["labels"], b["loss_mask"], b.get("position_ids"), b.get("document_ids"))
+                / MICRO_BATCHES
+            )
             loss.backward()
             step_loss += loss.detach()
         opt.step()

@@ -5,6 +5,7 @@ at 1, so shape or norm tests cannot see a swapped LERP, a dropped scale or a shi
 Here every scale and every weight row is perturbed away from its initial value, and logits and
 the gradient of every parameter must match the unfolded equations to a relative 1e-5 in fp32.
 """
+
 import inspect
 
 import pytest
@@ -180,13 +181,14 @@ def test_reference_documents_equal_separate_sequences(single_process, case):
         for r in range(B):
             for i in doc[r].unique():
                 cols = doc[r] == i
-                alone = reference_forward(w, cfg, tokens[r:r + 1, cols])
-                assert_rel_close(packed[r:r + 1, cols], alone, f"row {r}, document {i}")
+                alone = reference_forward(w, cfg, tokens[r : r + 1, cols])
+                assert_rel_close(packed[r : r + 1, cols], alone, f"row {r}, document {i}")
 
 
 needs_document_ids = pytest.mark.skipif(
     "document_ids" not in inspect.signature(GPTModel.forward).parameters,
-    reason="GPTModel.forward does not accept document_ids yet (document masking is being added)")
+    reason="GPTModel.forward does not accept document_ids yet (document masking is being added)",
+)
 
 
 @needs_document_ids

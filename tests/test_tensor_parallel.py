@@ -1,4 +1,5 @@
 """TP=2 against TP=1 (same seed): logits, loss, gradients, and weights after Adam + the bound."""
+
 import pytest
 import torch
 from distributed import full_named_tensors, run_distributed

@@ -4,6 +4,7 @@ configurations leaving nothing behind, and --eod-mask-loss.
 
 Runs are tiny (2 layers, d=64, seq 32, a few iterations, fp32). A few tests drive a ``Trainer``
 in a child process (``PROBE``) to watch the real optimizer step from inside."""
+
 import json
 import math
 import os
@@ -31,18 +32,45 @@ def latest(save_dir):
 
 
 def corpus_flags(corpus, tmp_path):
-    return ["--data-path", str(corpus / "kjv_text_document"), "--data-cache-path", str(tmp_path / "cache"),
-            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(corpus / "tok.model")]
+    return [
+        "--data-path",
+        str(corpus / "kjv_text_document"),
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(corpus / "tok.model"),
+    ]
 
 
 # ---- A. no work lost after the last step ------------------------------------------------------
 
+
 @pytest.mark.timeout(300)
 def test_no_validation_data_skips_evaluation_and_keeps_the_final_checkpoint(corpus, tmp_path):
     ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
-    out = run([*FP32, *SMALL, "--train-iters", "3", "--lr", "1e-3", "--eval-interval", "2",
-               *corpus_flags(corpus, tmp_path), "--split", "100,0,0", "--save", str(ck),
-               "--metrics-file", str(metrics), "--generate-tokens", "4"])
+    out = run(
+        [
+            *FP32,
+            *SMALL,
+            "--train-iters",
+            "3",
+            "--lr",
+            "1e-3",
+            "--eval-interval",
+            "2",
+            *corpus_flags(corpus, tmp_path),
+            "--split",
+            "100,0,0",
+            "--save",
+            str(ck),
+            "--metrics-file",
+            str(metrics),
+            "--generate-tokens",
+            "4",
+        ]
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "Traceback" not in out.stderr
     # two evaluation points (2 and 3), one line
@@ -74,9 +102,31 @@ sys.exit(p.pretrain(sys.argv[1:]))
 def test_final_checkpoint_is_saved_before_the_final_evaluation(tmp_path):
     ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
     out = subprocess.run(
-        [sys.executable, "-c", FAILING_FINAL_EVALUATION, *FP32, *SMALL, *MOCK, "--train-iters", "3", "--lr", "1e-3",
-         "--eval-interval", "2", "--save", str(ck), "--save-interval", "2", "--metrics-file", str(metrics)],
-        capture_output=True, text=True, timeout=280, cwd=ROOT)
+        [
+            sys.executable,
+            "-c",
+            FAILING_FINAL_EVALUATION,
+            *FP32,
+            *SMALL,
+            *MOCK,
+            "--train-iters",
+            "3",
+            "--lr",
+            "1e-3",
+            "--eval-interval",
+            "2",
+            "--save",
+            str(ck),
+            "--save-interval",
+            "2",
+            "--metrics-file",
+            str(metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
     assert out.returncode != 0
     assert "simulated failure in the final evaluation" in out.stderr, out.stderr[-3000:]
     assert latest(ck) == "iter_0000003"  # saved although the evaluation after it failed
@@ -85,6 +135,7 @@ def test_final_checkpoint_is_saved_before_the_final_evaluation(tmp_path):
 
 
 # ---- B2. learning-rate schedules --------------------------------------------------------------
+
 
 def reference_lr(it, *, lr, min_lr, warmup, decay, style, wsd=None):
     """The schedules as documented, written out phase by phase (0-based iteration ``it``)."""
@@ -108,11 +159,28 @@ def reference_lr(it, *, lr, min_lr, warmup, decay, style, wsd=None):
 
 S = dict(lr=1.0, min_lr=0.1, warmup=4, decay=14)  # decay runs over iterations 4..13
 ANCHORS = [  # (style, iteration, value by hand)
-    ("cosine", 0, 0.25), ("cosine", 1, 0.5), ("cosine", 3, 1.0),  # start, mid, end of warm-up
-    ("cosine", 4, 1.0), ("cosine", 9, 0.55), ("cosine", 14, 0.1), ("cosine", 50, 0.1),
-    ("linear", 4, 1.0), ("linear", 9, 0.55), ("linear", 13, 0.19), ("linear", 14, 0.1), ("linear", 50, 0.1),
-    ("constant", 1, 0.5), ("constant", 4, 1.0), ("constant", 13, 1.0), ("constant", 50, 1.0),
-    ("wsd", 1, 0.5), ("wsd", 8, 1.0), ("wsd", 9, 1.0), ("wsd", 11, 0.64), ("wsd", 13, 0.28), ("wsd", 14, 0.1),
+    ("cosine", 0, 0.25),
+    ("cosine", 1, 0.5),
+    ("cosine", 3, 1.0),  # start, mid, end of warm-up
+    ("cosine", 4, 1.0),
+    ("cosine", 9, 0.55),
+    ("cosine", 14, 0.1),
+    ("cosine", 50, 0.1),
+    ("linear", 4, 1.0),
+    ("linear", 9, 0.55),
+    ("linear", 13, 0.19),
+    ("linear", 14, 0.1),
+    ("linear", 50, 0.1),
+    ("constant", 1, 0.5),
+    ("constant", 4, 1.0),
+    ("constant", 13, 1.0),
+    ("constant", 50, 1.0),
+    ("wsd", 1, 0.5),
+    ("wsd", 8, 1.0),
+    ("wsd", 9, 1.0),
+    ("wsd", 11, 0.64),
+    ("wsd", 13, 0.28),
+    ("wsd", 14, 0.1),
     ("wsd", 50, 0.1),
 ]
 
@@ -123,8 +191,15 @@ def test_schedule_values(style, it, value):
 
     wsd = 5 if style == "wsd" else None
     assert reference_lr(it, **S, style=style, wsd=wsd) == pytest.approx(value, abs=1e-12)
-    got = learning_rate(it, lr=S["lr"], min_lr=S["min_lr"], warmup_iters=S["warmup"], decay_iters=S["decay"],
-                        style=style, wsd_decay_iters=wsd)
+    got = learning_rate(
+        it,
+        lr=S["lr"],
+        min_lr=S["min_lr"],
+        warmup_iters=S["warmup"],
+        decay_iters=S["decay"],
+        style=style,
+        wsd_decay_iters=wsd,
+    )
     assert got == pytest.approx(value, abs=1e-12)
 
 
@@ -135,8 +210,9 @@ def test_schedule_matches_reference_everywhere(style, warmup, min_lr, wsd):
 
     for it in range(0, 25):
         want = reference_lr(it, lr=2e-3, min_lr=min_lr * 2e-3, warmup=warmup, decay=17, style=style, wsd=wsd)
-        got = learning_rate(it, lr=2e-3, min_lr=min_lr * 2e-3, warmup_iters=warmup, decay_iters=17, style=style,
-                            wsd_decay_iters=wsd)
+        got = learning_rate(
+            it, lr=2e-3, min_lr=min_lr * 2e-3, warmup_iters=warmup, decay_iters=17, style=style, wsd_decay_iters=wsd
+        )
         assert got == pytest.approx(want, rel=1e-12, abs=1e-18), (style, it)
 
 
@@ -155,10 +231,25 @@ def test_arch_schedule_defaults():
 
 
 LR_RUNS = {  # flags, and the reference's parameters: warm-up, cosine to min_lr, then past decay_iters
-    "cosine": (["--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--lr-decay-iters", "5"],
-               dict(warmup=2, decay=5, style="cosine", min_lr=1e-4)),
-    "wsd": (["--lr-warmup-iters", "2", "--lr-decay-style", "wsd", "--lr-wsd-decay-iters", "3", "--min-lr", "1e-4",
-             "--lr-decay-iters", "6"], dict(warmup=2, decay=6, style="wsd", wsd=3, min_lr=1e-4)),
+    "cosine": (
+        ["--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--lr-decay-iters", "5"],
+        dict(warmup=2, decay=5, style="cosine", min_lr=1e-4),
+    ),
+    "wsd": (
+        [
+            "--lr-warmup-iters",
+            "2",
+            "--lr-decay-style",
+            "wsd",
+            "--lr-wsd-decay-iters",
+            "3",
+            "--min-lr",
+            "1e-4",
+            "--lr-decay-iters",
+            "6",
+        ],
+        dict(warmup=2, decay=6, style="wsd", wsd=3, min_lr=1e-4),
+    ),
 }
 
 
@@ -178,6 +269,7 @@ def test_training_logs_the_scheduled_lr(case, tmp_path):
 
 
 # ---- B3. weight decay ------------------------------------------------------------------------
+
 
 def _model_and_optimizer(arch, *flags):
     from an_megatron.data import build_tokenizer
@@ -278,8 +370,13 @@ groups.destroy_parallel()
 def probe(tmp_path, flags):
     """Run PROBE on ``flags``; returns (its JSON, the metrics records)."""
     result, metrics = tmp_path / "probe.json", tmp_path / "m.jsonl"
-    out = subprocess.run([sys.executable, "-c", PROBE, str(result), *flags, "--metrics-file", str(metrics)],
-                         capture_output=True, text=True, timeout=280, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(result), *flags, "--metrics-file", str(metrics)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with open(result) as f:
         return json.load(f), [r for r in records(metrics) if "lm_loss" in r]
@@ -314,8 +411,22 @@ def test_clip_grad_bounds_the_applied_gradient(case, tmp_path):
         (tmp_path / "ds.json").write_text(json.dumps(ds))
         ds = str(tmp_path / "ds.json")
     schedule = ["--lr-warmup-iters", "1", "--lr-decay-style", "linear", "--min-lr", "1e-4"]
-    got, logged = probe(tmp_path, ["--deepspeed_config", ds, *SMALL, *MOCK, "--train-iters", "3", "--lr", "1e-3",
-                                   "--clip-grad", str(clip), *schedule])
+    got, logged = probe(
+        tmp_path,
+        [
+            "--deepspeed_config",
+            ds,
+            *SMALL,
+            *MOCK,
+            "--train-iters",
+            "3",
+            "--lr",
+            "1e-3",
+            "--clip-grad",
+            str(clip),
+            *schedule,
+        ],
+    )
     assert got["optimizer"] == wrapper
     assert got["clipping"] == clip
     steps = {int(k): v for k, v in got["steps"].items()}
@@ -336,16 +447,24 @@ def test_clip_grad_bounds_the_applied_gradient(case, tmp_path):
 
 # ---- B5. refused configurations leave nothing behind ------------------------------------------
 
+
 def run_ranks(args, nproc, timeout=240, env=None):
     """The entry point on ``nproc`` ranks (the launcher's environment, without a launcher whose own
     messages would mix in); returns one CompletedProcess per rank."""
     if nproc == 1:
         return [run(args, timeout=timeout, env=env)]
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "pretrain_angpt.py"), *args],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **(env or {}), **local_rank_env(r, nproc, port)})
-             for r in range(nproc)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "examples", "pretrain_angpt.py"), *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {}), **local_rank_env(r, nproc, port)},
+        )
+        for r in range(nproc)
+    ]
     results = []
     try:
         for p in procs:
@@ -362,32 +481,67 @@ def run_ranks(args, nproc, timeout=240, env=None):
 BATCH = ["--micro-batch-size", "4", "--global-batch-size", "8"]
 REFUSED = {  # flags (after the tiny model and mock data), ds.json written for the case, the message, ranks
     "tp-does-not-divide-heads": (
-        ["--num-attention-heads", "3", "--hidden-size", "96", "--tensor-model-parallel-size", "2"], None,
-        "tensor-model-parallel-size 2 does not divide num-attention-heads 3", 2),
+        ["--num-attention-heads", "3", "--hidden-size", "96", "--tensor-model-parallel-size", "2"],
+        None,
+        "tensor-model-parallel-size 2 does not divide num-attention-heads 3",
+        2,
+    ),
     "ds-optimizer-section": (
-        [], {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}},
-        "--deepspeed_config has an 'optimizer' section; this trainer sets it from --lr/--adam-*/--weight-decay", 1),
+        [],
+        {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}},
+        "--deepspeed_config has an 'optimizer' section; this trainer sets it from --lr/--adam-*/--weight-decay",
+        1,
+    ),
     "ds-batch-disagrees": (
-        [], {"train_batch_size": 32}, "--global-batch-size 8 disagrees with ds.json train_batch_size 32", 1),
-    "missing-data-prefix": (
-        ["--data-path", "{tmp}/missing_text_document"], None, "{tmp}/missing_text_document", 1),
+        [],
+        {"train_batch_size": 32},
+        "--global-batch-size 8 disagrees with ds.json train_batch_size 32",
+        1,
+    ),
+    "missing-data-prefix": (["--data-path", "{tmp}/missing_text_document"], None, "{tmp}/missing_text_document", 1),
     "zero3-with-pp": (
-        ["--deepspeed_config", "examples/ds_zero3.json", "--pipeline-model-parallel-size", "2"], None,
-        "ZeRO stage 3 with --pipeline-model-parallel-size 2", 2),
+        ["--deepspeed_config", "examples/ds_zero3.json", "--pipeline-model-parallel-size", "2"],
+        None,
+        "ZeRO stage 3 with --pipeline-model-parallel-size 2",
+        2,
+    ),
     "missing-checkpoint": (
-        ["--load", "{tmp}/no_such_checkpoint"], None, "--load {tmp}/no_such_checkpoint: no such directory", 1),
+        ["--load", "{tmp}/no_such_checkpoint"],
+        None,
+        "--load {tmp}/no_such_checkpoint: no such directory",
+        1,
+    ),
     "split-without-training-data": (
-        ["--data-path", "{tmp}/missing_text_document", "--split", "0,100,0"], None,
-        "--split 0,100,0: training gets no data", 1),
+        ["--data-path", "{tmp}/missing_text_document", "--split", "0,100,0"],
+        None,
+        "--split 0,100,0: training gets no data",
+        1,
+    ),
     # a share too small for any document: megatron-core would loop forever building it
     "empty-validation-split": (
-        ["--data-path", "{corpus}/kjv_text_document", "--split", "99999,1,0", "--data-cache-path", "{tmp}/cache",
-         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "{corpus}/tok.model"], None,
-        "--split 99999,1,0: the validation split of {corpus}/kjv_text_document gets none of its 1189 documents", 1),
+        [
+            "--data-path",
+            "{corpus}/kjv_text_document",
+            "--split",
+            "99999,1,0",
+            "--data-cache-path",
+            "{tmp}/cache",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            "{corpus}/tok.model",
+        ],
+        None,
+        "--split 99999,1,0: the validation split of {corpus}/kjv_text_document gets none of its 1189 documents",
+        1,
+    ),
     # tensorboard made unimportable (NO_TENSORBOARD on PYTHONPATH), installed or not
     "tensorboard-missing": (
-        ["--tensorboard-dir", "{tmp}/out/tb"], None,
-        "--tensorboard-dir {tmp}/out/tb: the tensorboard package is not installed", 1),
+        ["--tensorboard-dir", "{tmp}/out/tb"],
+        None,
+        "--tensorboard-dir {tmp}/out/tb: the tensorboard package is not installed",
+        1,
+    ),
 }
 NO_TENSORBOARD = "raise ImportError('tensorboard hidden by the test')\n"
 
@@ -404,8 +558,20 @@ def test_refused_configuration_fails_cleanly(case, tmp_path, request):
         (tmp_path / "ds.json").write_text(json.dumps(ds))
         flags += ["--deepspeed_config", str(tmp_path / "ds.json")]
     out_dir = tmp_path / "out"
-    base = [*TINY, *BATCH, "--train-iters", "2", "--lr", "1e-3", "--save", str(out_dir), "--save-interval", "1",
-            "--metrics-file", str(out_dir / "m.jsonl")]
+    base = [
+        *TINY,
+        *BATCH,
+        "--train-iters",
+        "2",
+        "--lr",
+        "1e-3",
+        "--save",
+        str(out_dir),
+        "--save-interval",
+        "1",
+        "--metrics-file",
+        str(out_dir / "m.jsonl"),
+    ]
     if "--tokenizer-type" not in flags:
         base += ["--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
     if "--data-path" not in flags:
@@ -430,20 +596,25 @@ def test_a_test_split_without_documents_is_dropped(corpus, tmp_path):
 
     # the test share rounds to no document of the corpus's 1189 (the default 969,30,1 does so
     # for any corpus under 500 documents); training never reads the test split
-    args, _ = parse_args([*SMALL, "--train-iters", "1", "--lr", "1e-3", *corpus_flags(corpus, tmp_path),
-                          "--split", "969,30,0.1"], world_size=1)
+    args, _ = parse_args(
+        [*SMALL, "--train-iters", "1", "--lr", "1e-3", *corpus_flags(corpus, tmp_path), "--split", "969,30,0.1"],
+        world_size=1,
+    )
     train, valid, test = build_train_valid_test_datasets(args, build_tokenizer(args), [16, 8, 8])
     assert len(train) >= 16 and len(valid) >= 8 and test is None
 
 
 # ---- B6. --eod-mask-loss ------------------------------------------------------------------------
 
+
 def _train_dataset(corpus, tmp_path, *flags):
     from an_megatron.data import build_tokenizer, build_train_valid_test_datasets
     from an_megatron.training.arguments import parse_args
 
-    args, _ = parse_args([*SMALL, "--train-iters", "1", "--lr", "1e-3", *corpus_flags(corpus, tmp_path),
-                          "--split", "100,0,0", *flags], world_size=1)
+    args, _ = parse_args(
+        [*SMALL, "--train-iters", "1", "--lr", "1e-3", *corpus_flags(corpus, tmp_path), "--split", "100,0,0", *flags],
+        world_size=1,
+    )
     tokenizer = build_tokenizer(args)
     train, valid, _ = build_train_valid_test_datasets(args, tokenizer, [256, 0, 0])
     assert valid is None

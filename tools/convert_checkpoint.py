@@ -14,6 +14,7 @@
 
 See an_megatron/training/convert.py for how each step works and why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,16 +49,19 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             torch.save(obj, args.output)
             n = sum(t.numel() for t in obj["model"].values())
-            print(f"wrote {args.output}: {len(obj['model'])} tensors, {n:,} parameters, iteration {obj['iteration']}, "
-                  f"from {obj['source']}")
+            print(
+                f"wrote {args.output}: {len(obj['model'])} tensors, {n:,} parameters, iteration {obj['iteration']}, "
+                f"from {obj['source']}"
+            )
             return 0
         src = args.input
         if os.path.isdir(src):  # consolidate on the fly, next to the output
             os.makedirs(args.save, exist_ok=True)
             src = os.path.join(args.save, "consolidated.pt")
             torch.save(consolidate(args.input), src)
-        out = write_layout(src, args.save, args.target_tensor_model_parallel_size,
-                           args.target_pipeline_model_parallel_size)
+        out = write_layout(
+            src, args.save, args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
+        )
         print(f"wrote {out} (weights only: load with --no-load-optim)")
         return 0
     except ConvertError as e:

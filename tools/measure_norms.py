@@ -7,6 +7,7 @@ Each quantity should be near 1 for anGPT (its factors are expected values for ra
 vectors); this shows whether that holds for your shapes, on random tokens or on the first
 sequences of a preprocessed corpus (``--data-path``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,22 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of random tokens / the model")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--data-path", default=None, help="prefix of a preprocessed corpus (.bin/.idx); random tokens if absent")
+    p.add_argument(
+        "--data-path", default=None, help="prefix of a preprocessed corpus (.bin/.idx); random tokens if absent"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per measured quantity")
-    p.add_argument("--load", default=None, help="measure these weights: a checkpoint directory or a file from "
-                   "tools/convert_checkpoint.py consolidate (its config replaces the model flags)")
-    p.add_argument("--with-nu-att", choices=NU_ATT_OPTIONS, default=None,
-                   help="with --load: measure the loaded weights under this attention factor instead of their own")
+    p.add_argument(
+        "--load",
+        default=None,
+        help="measure these weights: a checkpoint directory or a file from "
+        "tools/convert_checkpoint.py consolidate (its config replaces the model flags)",
+    )
+    p.add_argument(
+        "--with-nu-att",
+        choices=NU_ATT_OPTIONS,
+        default=None,
+        help="with --load: measure the loaded weights under this attention factor instead of their own",
+    )
     return p.parse_args(argv)
 
 
@@ -107,8 +118,10 @@ def main(argv=None) -> int:
         for r in records:
             print(json.dumps(r))
         return 0
-    print(f"{config.arch}: d={config.hidden_size} H={config.num_attention_heads} f={config.ffn_hidden_size} "
-          f"T={config.seq_length} nu_att={config.nu_att}; norms over {tokens.numel()} tokens (target 1)")
+    print(
+        f"{config.arch}: d={config.hidden_size} H={config.num_attention_heads} f={config.ffn_hidden_size} "
+        f"T={config.seq_length} nu_att={config.nu_att}; norms over {tokens.numel()} tokens (target 1)"
+    )
     print(f"{'layer':>5}  {'quantity':<32} {'mean':>8} {'std':>8}")
     for r in records:
         layer = "-" if r["layer"] is None else r["layer"]

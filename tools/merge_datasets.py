@@ -6,6 +6,7 @@
 Every input is validated first; all must share one token dtype. The output is written under
 temporary names and renamed when complete.
 """
+
 import argparse
 import sys
 
@@ -16,14 +17,14 @@ def main(argv=None) -> None:
     from an_megatron.data.merge import merge_datasets
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="dataset prefixes (without .bin/.idx) to concatenate")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes {output-prefix}.bin and .idx")
+    parser.add_argument("--input", nargs="+", required=True, help="dataset prefixes (without .bin/.idx) to concatenate")
+    parser.add_argument("--output-prefix", required=True, help="writes {output-prefix}.bin and .idx")
     args = parser.parse_args(argv)
     info = merge_datasets(args.input, args.output_prefix)
-    print(f"merged {len(args.input)} datasets: {info.num_documents} documents, "
-          f"{info.num_tokens} tokens -> {args.output_prefix}.bin/.idx")
+    print(
+        f"merged {len(args.input)} datasets: {info.num_documents} documents, "
+        f"{info.num_tokens} tokens -> {args.output_prefix}.bin/.idx"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Plot validation loss of several runs against steps, tokens and wall time, in one PNG.
 
-    python tools/plot_runs.py runs/*/metrics.jsonl --output curves.png [--labels a b c]
+python tools/plot_runs.py runs/*/metrics.jsonl --output curves.png [--labels a b c]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ def plot(paths: list[str], labels: list[str], output: str, title: str | None = N
         tokens_per_it = (m["train"][0]["consumed_tokens"] / m["train"][0]["iteration"]) if m["train"] else 0
         # each record's step_time_s is the mean over the iterations since the previous record
         train_its = [r["iteration"] for r in m["train"]]
-        times = list(itertools.accumulate(r["step_time_s"] * (it - prev) for r, it, prev
-                                          in zip(m["train"], train_its, [0] + train_its[:-1])))
+        times = list(
+            itertools.accumulate(
+                r["step_time_s"] * (it - prev) for r, it, prev in zip(m["train"], train_its, [0] + train_its[:-1])
+            )
+        )
         wall = [next((t for i, t in zip(train_its, times) if i >= it), times[-1] if times else 0) for it in its]
         axes[0].plot(its, losses, marker="o", ms=3, label=label)
         axes[1].plot([it * tokens_per_it / 1e6 for it in its], losses, marker="o", ms=3, label=label)

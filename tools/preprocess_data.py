@@ -7,6 +7,7 @@ Same flags and output as Megatron-LM's tools/preprocess_data.py, plus --skip-bad
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model \\
         --output-prefix data/corpus --append-eod --workers 2
 """
+
 import argparse
 import sys
 
@@ -17,31 +18,39 @@ from an_megatron.data.tokenizers import TOKENIZER_TYPES
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True,
-                       help="jsonl or jsonl.gz files or globs, one JSON object per line")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="keys to extract from each object; one output dataset per key")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip (and count) lines that are not JSON objects holding a string "
-                            "under every key, instead of stopping at the first one")
+    group.add_argument(
+        "--input", nargs="+", required=True, help="jsonl or jsonl.gz files or globs, one JSON object per line"
+    )
+    group.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="keys to extract from each object; one output dataset per key"
+    )
+    group.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip (and count) lines that are not JSON objects holding a string "
+        "under every key, instead of stopping at the first one",
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", help="SentencePiece .model or HuggingFace tokenizer.json")
     group.add_argument("--vocab-file", help="GPT-2 vocab.json")
     group.add_argument("--merge-file", help="GPT-2 merges.txt")
     group.add_argument("--vocab-size", type=int, help="NullTokenizer's number of ids (eod is this id)")
-    group.add_argument("--append-eod", action="store_true",
-                       help="append the end-of-document token to every document")
+    group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True,
-                       help="writes {prefix}_{key}_document.bin and .idx")
+    group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin and .idx")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    group.add_argument("--partitions", type=int, default=1,
-                       help="accepted for Megatron compatibility; input is streamed to --workers "
-                            "processes, so splitting it into partitions is not needed")
-    group.add_argument("--log-interval", type=int, default=1000,
-                       help="documents between progress lines when stderr is not a terminal")
+    group.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="accepted for Megatron compatibility; input is streamed to --workers "
+        "processes, so splitting it into partitions is not needed",
+    )
+    group.add_argument(
+        "--log-interval", type=int, default=1000, help="documents between progress lines when stderr is not a terminal"
+    )
     return parser
 
 
@@ -50,11 +59,21 @@ def main(argv=None) -> None:
 
     args = build_parser().parse_args(argv)
     if args.partitions != 1:
-        print(f"note: --partitions {args.partitions} ignored: the input is streamed to "
-              f"--workers {args.workers} processes without partitioning", file=sys.stderr)
-    stats = preprocess(args.input, args.json_keys, args, args.output_prefix,
-                       append_eod=args.append_eod, workers=args.workers,
-                       log_interval=args.log_interval, skip_bad_lines=args.skip_bad_lines)
+        print(
+            f"note: --partitions {args.partitions} ignored: the input is streamed to "
+            f"--workers {args.workers} processes without partitioning",
+            file=sys.stderr,
+        )
+    stats = preprocess(
+        args.input,
+        args.json_keys,
+        args,
+        args.output_prefix,
+        append_eod=args.append_eod,
+        workers=args.workers,
+        log_interval=args.log_interval,
+        skip_bad_lines=args.skip_bad_lines,
+    )
     for line in stats.summary_lines():
         print(line)
 

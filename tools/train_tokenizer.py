@@ -7,6 +7,7 @@ writes tok.model and tok.vocab; use them with --tokenizer-type SentencePieceToke
 document <EOD>) or GPTSentencePieceTokenizer (end of document </s>) and --tokenizer-model tok.model.
 Files ending in .jsonl/.json (optionally .gz) are read as JSON lines, others as plain text.
 """
+
 import argparse
 import sys
 
@@ -18,35 +19,60 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="files or globs")
-    parser.add_argument("--json-keys", nargs="+", default=["text"],
-                        help="keys whose text is used, for JSON lines input")
+    parser.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="keys whose text is used, for JSON lines input"
+    )
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output-prefix", required=True, help="writes {prefix}.model and .vocab")
-    parser.add_argument("--sample-sentences", type=int, default=2_000_000,
-                        help="train on a uniform random sample of at most this many lines")
-    parser.add_argument("--max-sentence-length", type=int, default=4192,
-                        help="lines longer than this many bytes are split at whitespace")
-    parser.add_argument("--character-coverage", type=float, default=0.9995,
-                        help="share of characters given their own piece; the rest use bytes")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip (and count) bad JSON lines instead of stopping")
+    parser.add_argument(
+        "--sample-sentences",
+        type=int,
+        default=2_000_000,
+        help="train on a uniform random sample of at most this many lines",
+    )
+    parser.add_argument(
+        "--max-sentence-length",
+        type=int,
+        default=4192,
+        help="lines longer than this many bytes are split at whitespace",
+    )
+    parser.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of characters given their own piece; the rest use bytes",
+    )
+    parser.add_argument(
+        "--skip-bad-lines", action="store_true", help="skip (and count) bad JSON lines instead of stopping"
+    )
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     args = parser.parse_args(argv)
     stats = train_sentencepiece(
-        args.input, args.output_prefix, args.vocab_size, json_keys=args.json_keys,
-        sample_sentences=args.sample_sentences, max_sentence_length=args.max_sentence_length,
-        character_coverage=args.character_coverage, skip_bad_lines=args.skip_bad_lines,
-        num_threads=args.num_threads, verbose=args.verbose)
+        args.input,
+        args.output_prefix,
+        args.vocab_size,
+        json_keys=args.json_keys,
+        sample_sentences=args.sample_sentences,
+        max_sentence_length=args.max_sentence_length,
+        character_coverage=args.character_coverage,
+        skip_bad_lines=args.skip_bad_lines,
+        num_threads=args.num_threads,
+        verbose=args.verbose,
+    )
     print(f"read {stats.documents} documents, {stats.sentences} lines from {stats.files} files")
-    print(f"split {stats.long_lines_split} lines longer than {args.max_sentence_length} bytes "
-          f"into {stats.pieces_from_long_lines} pieces")
+    print(
+        f"split {stats.long_lines_split} lines longer than {args.max_sentence_length} bytes "
+        f"into {stats.pieces_from_long_lines} pieces"
+    )
     if stats.bad_lines:
         print(f"skipped {stats.bad_lines} bad lines")
         for line in stats.first_bad_lines:
             print(f"  skipped {line}")
-    print(f"trained SentencePiece BPE, vocab size {args.vocab_size}, in {stats.seconds:.1f} s: "
-          f"{args.output_prefix}.model, {args.output_prefix}.vocab")
+    print(
+        f"trained SentencePiece BPE, vocab size {args.vocab_size}, in {stats.seconds:.1f} s: "
+        f"{args.output_prefix}.model, {args.output_prefix}.vocab"
+    )
     print("special ids: <unk>=0 <s>=1 </s>=2 <pad>=3 <CLS>=4 <SEP>=5 <EOD>=6 <MASK>=7")
 
 

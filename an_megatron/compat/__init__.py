@@ -11,6 +11,7 @@ Importing either module checks the installed release of its library against the 
 accessors were read from (``check_version``). Outside them it stops with one line naming both;
 ``AN_MEGATRON_ALLOW_UNTESTED_VERSIONS=1`` turns that into a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,11 +59,12 @@ def check_version(distribution: str, installed: str | None, supported: str) -> N
     if _is_supported(installed, supported):
         return
     found = f"{distribution} {installed} is installed" if installed else f"{distribution} is not installed"
-    message = (f"{found}, but an_megatron supports {distribution}{supported} only (it reads internals "
-               f"checked against that release)")
+    message = (
+        f"{found}, but an_megatron supports {distribution}{supported} only (it reads internals "
+        f"checked against that release)"
+    )
     if os.environ.get(ALLOW_UNTESTED_VERSIONS) == "1":
-        warnings.warn(f"{message}; running anyway ({ALLOW_UNTESTED_VERSIONS}=1)", UntestedVersionWarning,
-                      stacklevel=2)
+        warnings.warn(f"{message}; running anyway ({ALLOW_UNTESTED_VERSIONS}=1)", UntestedVersionWarning, stacklevel=2)
     else:
         raise UnsupportedVersionError(f"error: {message}; set {ALLOW_UNTESTED_VERSIONS}=1 to run anyway")
 

@@ -20,6 +20,7 @@ Why the norm bound does not use DeepSpeed's public ``safe_get_full_fp32_param`` 
   only ``grad_position`` below, and add a copy per parameter per step wherever ``.to(device)``
   copies (optimizer offload). ZeRO-1/2 and ``BF16_Optimizer`` have no local accessor.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ def zero3_partition(param) -> torch.Tensor | None:
 
 # ---- merging a ZeRO checkpoint's partitions (deepspeed.utils.zero_to_fp32, 0.19.8) -----------
 
+
 def zero_model_states(model_files: list[str]) -> list:
     """The ``zero_model_state`` descriptions of the model-states files of one model-parallel rank."""
     from deepspeed.utils import zero_to_fp32
@@ -151,9 +153,16 @@ def zero_model_states_from_shapes(model_states: dict) -> list:
     its weights are in layer files), from its ``param_shapes``."""
     from deepspeed.utils import zero_to_fp32
 
-    return [zero_to_fp32.zero_model_state(buffers={}, param_shapes=model_states["param_shapes"], shared_params=[],
-                                          ds_version=model_states.get("ds_version"), frozen_param_shapes=None,
-                                          frozen_param_fragments=None)]
+    return [
+        zero_to_fp32.zero_model_state(
+            buffers={},
+            param_shapes=model_states["param_shapes"],
+            shared_params=[],
+            ds_version=model_states.get("ds_version"),
+            frozen_param_shapes=None,
+            frozen_param_fragments=None,
+        )
+    ]
 
 
 def zero_fp32_state_dict(ckpt_dir: str, optim_files: list[str], model_states: list) -> dict[str, torch.Tensor]:
@@ -165,7 +174,7 @@ def zero_fp32_state_dict(ckpt_dir: str, optim_files: list[str], model_states: li
 
     stage, world, fp32_groups, paddings = zero_to_fp32.parse_optim_states(optim_files, ckpt_dir)
     if stage <= 2:
-        return zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(world, fp32_groups, model_states, False,
-                                                                       paddings)
+        return zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+            world, fp32_groups, model_states, False, paddings
+        )
     return zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, fp32_groups, model_states, False)
-

@@ -5,6 +5,7 @@ torch FP8 linears (``model/linear_impl.py``: the local matmul hook of the parall
 megatron-core itself is imported only inside the functions that need it (~5 s), except by
 ``LocalLinearOverride``, whose users subclass megatron-core's linears anyway.
 """
+
 from __future__ import annotations
 
 from an_megatron.compat import require_version
@@ -14,6 +15,7 @@ require_version("megatron-core", SUPPORTED)
 
 
 # ---- the .idx file of an indexed dataset ----------------------------------------------------
+
 
 def index_reader(idx_path: str):
     """megatron-core's reader of a .idx file: ``dtype`` and the memory-mapped ``sequence_lengths``,
@@ -40,6 +42,7 @@ def write_index(idx_path: str, dtype, sequence_lengths, document_indices, sequen
 
 # ---- the local matmul of the tensor-parallel linears ----------------------------------------
 
+
 class LocalLinearOverride:
     """Mixin for megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` replacing only
     their local matmul (with its backward all-reduce of grad_x) by the subclass's
@@ -52,8 +55,23 @@ class LocalLinearOverride:
     wgrad computation, which the subclasses do not support.
     """
 
-    def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                      tp_group=None, **unused):
-        return self.local_linear(input, weight, bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
-                                 allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
-                                 tp_group=tp_group)
+    def _forward_impl(
+        self,
+        input,
+        weight,
+        bias,
+        gradient_accumulation_fusion,
+        allreduce_dgrad,
+        sequence_parallel,
+        tp_group=None,
+        **unused,
+    ):
+        return self.local_linear(
+            input,
+            weight,
+            bias,
+            gradient_accumulation_fusion=gradient_accumulation_fusion,
+            allreduce_dgrad=allreduce_dgrad,
+            sequence_parallel=sequence_parallel,
+            tp_group=tp_group,
+        )

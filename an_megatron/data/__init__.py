@@ -2,6 +2,7 @@
 
 Importing this package does not import megatron-core (slow); the functions that need it do.
 """
+
 from an_megatron.data.arguments import add_data_args
 from an_megatron.data.datasets import build_train_valid_test_datasets, document_ids, parse_data_path
 from an_megatron.data.eod import resolve_eod

@@ -1,4 +1,5 @@
 """Command-line flags of the data pipeline (Megatron's names and defaults)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,38 +11,59 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add data and tokenizer flags. Sequence length, seed, batch sizes and parallel sizes are
     defined by the training arguments; the data functions read them from the same namespace."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-path", nargs="*", default=None,
-                       help="one dataset prefix ({prefix}.bin/.idx), several prefixes (blended "
-                            "by size), or a blend 'w1 prefix1 w2 prefix2 ...'")
-    group.add_argument("--split", default="969,30,1",
-                       help="train,valid,test proportions of the documents, e.g. 98,2,0")
-    group.add_argument("--data-cache-path", default=None,
-                       help="where to keep the sample/shuffle index cache (default: beside "
-                            "each dataset, in {prefix}/cache)")
-    group.add_argument("--mock-data", action="store_true",
-                       help="train on megatron-core's synthetic tokens instead of --data-path")
+    group.add_argument(
+        "--data-path",
+        nargs="*",
+        default=None,
+        help="one dataset prefix ({prefix}.bin/.idx), several prefixes (blended "
+        "by size), or a blend 'w1 prefix1 w2 prefix2 ...'",
+    )
+    group.add_argument("--split", default="969,30,1", help="train,valid,test proportions of the documents, e.g. 98,2,0")
+    group.add_argument(
+        "--data-cache-path",
+        default=None,
+        help="where to keep the sample/shuffle index cache (default: beside each dataset, in {prefix}/cache)",
+    )
+    group.add_argument(
+        "--mock-data", action="store_true", help="train on megatron-core's synthetic tokens instead of --data-path"
+    )
     group.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    group.add_argument("--reset-position-ids", action="store_true",
-                       help="restart position ids after each end-of-document token")
-    group.add_argument("--reset-attention-mask", action="store_true",
-                       help="stop attention across end-of-document tokens")
-    group.add_argument("--eod-mask-loss", action="store_true",
-                       help="leave positions whose input is the end-of-document token out of the loss "
-                            "(as Megatron-LM: the prediction of the next document's first token)")
-    group.add_argument("--eod-token", default="auto", metavar="auto|TOKEN|ID",
-                       help="the token that ends documents in the data (used by the three "
-                            "flags above). auto (default): read from each --data-path prefix, "
-                            "choosing between the tokenizer's end of document and the one "
-                            "Megatron-LM's other SentencePiece path writes (<EOD> legacy, </s> "
-                            "default). A token (e.g. </s>) or an integer id: used as given")
+    group.add_argument(
+        "--reset-position-ids", action="store_true", help="restart position ids after each end-of-document token"
+    )
+    group.add_argument(
+        "--reset-attention-mask", action="store_true", help="stop attention across end-of-document tokens"
+    )
+    group.add_argument(
+        "--eod-mask-loss",
+        action="store_true",
+        help="leave positions whose input is the end-of-document token out of the loss "
+        "(as Megatron-LM: the prediction of the next document's first token)",
+    )
+    group.add_argument(
+        "--eod-token",
+        default="auto",
+        metavar="auto|TOKEN|ID",
+        help="the token that ends documents in the data (used by the three "
+        "flags above). auto (default): read from each --data-path prefix, "
+        "choosing between the tokenizer's end of document and the one "
+        "Megatron-LM's other SentencePiece path writes (<EOD> legacy, </s> "
+        "default). A token (e.g. </s>) or an integer id: used as given",
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece .model, or a HuggingFace tokenizer.json / its folder")
+    group.add_argument(
+        "--tokenizer-model", default=None, help="SentencePiece .model, or a HuggingFace tokenizer.json / its folder"
+    )
     group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer's number of ids (its end of document is this id)")
-    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                       help="pad the embedding to a multiple of this times the TP size")
+    group.add_argument(
+        "--vocab-size", type=int, default=None, help="NullTokenizer's number of ids (its end of document is this id)"
+    )
+    group.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the embedding to a multiple of this times the TP size",
+    )
     return parser

@@ -1,4 +1,5 @@
 """Shared command-line plumbing of the data tools: clean exits and signal handling."""
+
 from __future__ import annotations
 
 import signal

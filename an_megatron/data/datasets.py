@@ -9,6 +9,7 @@ With torch.distributed initialized, megatron-core builds each dataset on global 
 other ranks build it, which loads the cached indices. The cache directory (--data-cache-path,
 or `{prefix}/cache` beside each dataset) must therefore be visible to every rank.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -41,8 +42,10 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
 
     weighted = [is_weight(item) for item in data_path]
     if any(weighted) and (len(data_path) % 2 or not all(weighted[0::2]) or any(weighted[1::2])):
-        raise DataError(f"--data-path {' '.join(data_path)}: expected one or more prefixes, or "
-                        f"pairs 'weight prefix weight prefix ...'")
+        raise DataError(
+            f"--data-path {' '.join(data_path)}: expected one or more prefixes, or "
+            f"pairs 'weight prefix weight prefix ...'"
+        )
     prefixes, weights = import_megatron_core("megatron.core.datasets.utils").get_blend_from_list(list(data_path))
     if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
         raise DataError(f"--data-path weights {weights}: must be >= 0 with a positive sum")
@@ -60,8 +63,7 @@ def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return is_eod.cumsum(-1) - is_eod.long()
 
 
-def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_samples,
-                                    is_built_on_rank=None):
+def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_samples, is_built_on_rank=None):
     """(train, valid, test) datasets; each is a GPTDataset, a BlendedDataset or None.
 
     Reads args.data_path, split, data_cache_path, mock_data, reset_position_ids,
@@ -87,7 +89,8 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
                 raise DataError(
                     f"{prefix}: stores {numpy.dtype(info.dtype).name} token ids, too narrow for "
                     f"the tokenizer's vocab size {tokenizer.vocab_size}: was it preprocessed with "
-                    f"another tokenizer?")
+                    f"another tokenizer?"
+                )
         blend, dataset_class = (prefixes, weights), gpt.GPTDataset
     eod = _resolve_eod(args, tokenizer, validate=False)  # the prefixes were just checked
     if eod != tokenizer.eod:
@@ -112,7 +115,8 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
     if blend is not None:
         _drop_or_refuse_empty_splits(config, infos, config.split)
     builder = builder_module.BlendedMegatronDatasetBuilder(
-        dataset_class, sizes, is_built_on_rank or (lambda: True), config)
+        dataset_class, sizes, is_built_on_rank or (lambda: True), config
+    )
     with single_process_rank_zero():  # a megatron-core workaround: see megatron_patches
         train, valid, test = builder.build()
     return train, valid, test
@@ -128,12 +132,17 @@ def _drop_or_refuse_empty_splits(config, infos, split: str) -> None:
         bounds = config.split_matrix[i]
         if bounds is None:
             continue
-        empty = [info for info in infos
-                 if int(round(bounds[1] * info.num_documents)) <= int(round(bounds[0] * info.num_documents))]
+        empty = [
+            info
+            for info in infos
+            if int(round(bounds[1] * info.num_documents)) <= int(round(bounds[0] * info.num_documents))
+        ]
         if not empty:
             continue
         if name == "test":
             config.split_matrix[i] = None
             continue
-        raise DataError(f"--split {split}: the {name} split of {empty[0].prefix} gets none of its "
-                        f"{empty[0].num_documents} documents; give it a larger share (or 0 for none)")
+        raise DataError(
+            f"--split {split}: the {name} split of {empty[0].prefix} gets none of its "
+            f"{empty[0].num_documents} documents; give it a larger share (or 0 for none)"
+        )

@@ -11,6 +11,7 @@ last tokens of up to SAMPLE_DOCUMENTS documents decide between the tokenizer's `
 `resolve_eod(args, tokenizer)` gives the id; build_train_valid_test_datasets hands it to
 megatron-core's GPTDataset, and the training loop should use the same function.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,10 @@ def parse_eod_token(value: str, tokenizer) -> int:
         lookup = getattr(tokenizer, "token_to_id", None)
         token_id = lookup(value) if lookup else None
         if token_id is None:
-            raise DataError(f"--eod-token {value}: not a token of the tokenizer (give a token "
-                            f"such as </s> or <EOD>, an id, or auto)") from None
+            raise DataError(
+                f"--eod-token {value}: not a token of the tokenizer (give a token "
+                f"such as </s> or <EOD>, an id, or auto)"
+            ) from None
     if not 0 <= token_id < tokenizer.vocab_size:
         raise DataError(f"--eod-token {value}: id out of range [0, {tokenizer.vocab_size})")
     return token_id
@@ -87,15 +90,18 @@ def _detect(prefixes, tokenizer, candidates, flags, validate: bool) -> int:
         if last[best] >= MIN_SHARE * sampled:
             found[prefix] = best
             if last[best] < sampled:
-                _print_rank0(f"warning: {prefix}: {sampled - last[best]} of {sampled} sampled "
-                             f"documents do not end with {name(best)}: they run into the next")
+                _print_rank0(
+                    f"warning: {prefix}: {sampled - last[best]} of {sampled} sampled "
+                    f"documents do not end with {name(best)}: they run into the next"
+                )
             continue
         common, count = last.most_common(1)[0]
         counts = [(last[c], name(c)) for c in candidates]
         if common not in candidates:  # what they end with instead
             counts.append((count, name(common, quote=True)))
         what = f"of {sampled} sampled: " + ", ".join(
-            f"{n} {'end ' if i == 0 else ''}with {token}" for i, (n, token) in enumerate(counts))
+            f"{n} {'end ' if i == 0 else ''}with {token}" for i, (n, token) in enumerate(counts)
+        )
         # Documents without an EOD cannot be separated. The document flags exist only to
         # separate them, so with one on, training would silently do the opposite of what was
         # asked (cross-document attention, loss on every boundary): fail at startup instead.
@@ -103,23 +109,30 @@ def _detect(prefixes, tokenizer, candidates, flags, validate: bool) -> int:
         # --eod-token skips this check for whoever really wants it.
         if flags:
             names = ", ".join("--" + flag.replace("_", "-") for flag in flags)
-            raise DataError(f"{prefix}: documents do not end with an end-of-document token "
-                            f"({what}), so {names} cannot separate them: preprocess with "
-                            f"--append-eod")
-        _print_rank0(f"warning: {prefix}: documents do not end with an end-of-document token "
-                     f"({what}): they run into each other (preprocessed without --append-eod?)")
+            raise DataError(
+                f"{prefix}: documents do not end with an end-of-document token "
+                f"({what}), so {names} cannot separate them: preprocess with "
+                f"--append-eod"
+            )
+        _print_rank0(
+            f"warning: {prefix}: documents do not end with an end-of-document token "
+            f"({what}): they run into each other (preprocessed without --append-eod?)"
+        )
     if not found:
         return tokenizer.eod
     (first, eod), *others = found.items()
     for prefix, other in others:
         if other != eod:
-            raise DataError(f"--data-path: {first} ends documents with {name(eod)} but {prefix} "
-                            f"with {name(other)}: preprocess them with the same tokenizer path")
+            raise DataError(
+                f"--data-path: {first} ends documents with {name(eod)} but {prefix} "
+                f"with {name(other)}: preprocess them with the same tokenizer path"
+            )
     if eod != tokenizer.eod:
         where = first if not others else f"{first} and {len(others)} other --data-path prefixes"
         default = _token(tokenizer, tokenizer.eod)
-        _print_rank0(f"{where}: documents end with {name(eod)}, not {default}: using "
-                     f"{_token(tokenizer, eod)} as end of document")
+        _print_rank0(
+            f"{where}: documents end with {name(eod)}, not {default}: using {_token(tokenizer, eod)} as end of document"
+        )
     return eod
 
 
@@ -130,9 +143,11 @@ def _token(tokenizer, token_id: int) -> str:
 
 def _namer(tokenizer):
     """`name(id)` -> e.g. "</s> (id 2)"; quote=True for ordinary tokens (whitespace shows)."""
+
     def name(token_id: int, quote: bool = False) -> str:
         token = _token(tokenizer, token_id)
         return f"{token!r} (id {token_id})" if quote else f"{token} (id {token_id})"
+
     return name
 
 

@@ -16,6 +16,7 @@ Layout of the .idx file (little-endian), for reference:
     int32[S] sequence lengths (tokens), int64[S] byte offsets into .bin, int64[D] document
     boundaries (sequence indices, first 0, last S).
 """
+
 from __future__ import annotations
 
 import array
@@ -36,8 +37,14 @@ INDEX_HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # 34
 
 # Megatron's dtype codes (megatron.core.datasets.indexed_dataset.DType); fixed by the file format.
 DTYPE_BY_CODE = {
-    1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32,
-    5: numpy.int64, 6: numpy.float64, 7: numpy.float32, 8: numpy.uint16,
+    1: numpy.uint8,
+    2: numpy.int8,
+    3: numpy.int16,
+    4: numpy.int32,
+    5: numpy.int64,
+    6: numpy.float64,
+    7: numpy.float32,
+    8: numpy.uint16,
 }
 CODE_BY_DTYPE = {numpy.dtype(t): c for c, t in DTYPE_BY_CODE.items()}
 
@@ -86,34 +93,29 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     for ext in (".bin", ".idx"):
         if prefix.endswith(ext) and not os.path.exists(idx_path):
             raise IndexedDatasetError(
-                f"data path {prefix!r} ends in {ext}: give the prefix without the extension "
-                f"({prefix[: -len(ext)]!r})")
+                f"data path {prefix!r} ends in {ext}: give the prefix without the extension ({prefix[: -len(ext)]!r})"
+            )
     missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
     if missing:
         unfinished = [p for p in missing if _has_unfinished_temp(p)]
-        hint = (" (only an unfinished temporary file of an interrupted preprocessing run "
-                "is there)" if unfinished else "")
-        raise IndexedDatasetError(
-            f"indexed dataset {prefix!r}: missing {' and '.join(missing)}{hint}")
+        hint = " (only an unfinished temporary file of an interrupted preprocessing run is there)" if unfinished else ""
+        raise IndexedDatasetError(f"indexed dataset {prefix!r}: missing {' and '.join(missing)}{hint}")
 
     idx_size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as idx_file:
         header = idx_file.read(INDEX_HEADER_BYTES)
     if len(header) < INDEX_HEADER_BYTES:
         raise IndexedDatasetError(
-            f"{idx_path}: truncated index: {idx_size} bytes, shorter than the "
-            f"{INDEX_HEADER_BYTES}-byte header")
+            f"{idx_path}: truncated index: {idx_size} bytes, shorter than the {INDEX_HEADER_BYTES}-byte header"
+        )
     if header[: len(INDEX_MAGIC)] != INDEX_MAGIC:
-        raise IndexedDatasetError(
-            f"{idx_path}: not a Megatron MMIDIDX index (starts with {header[:9]!r})")
+        raise IndexedDatasetError(f"{idx_path}: not a Megatron MMIDIDX index (starts with {header[:9]!r})")
     (version,) = struct.unpack_from("<Q", header, 9)
     if version != INDEX_VERSION:
-        raise IndexedDatasetError(
-            f"{idx_path}: unsupported index version {version} (expected {INDEX_VERSION})")
+        raise IndexedDatasetError(f"{idx_path}: unsupported index version {version} (expected {INDEX_VERSION})")
     code = header[17]
     if code not in DTYPE_BY_CODE:
-        raise IndexedDatasetError(
-            f"{idx_path}: unknown dtype code {code} (known: {sorted(DTYPE_BY_CODE)})")
+        raise IndexedDatasetError(f"{idx_path}: unknown dtype code {code} (known: {sorted(DTYPE_BY_CODE)})")
     dtype = numpy.dtype(DTYPE_BY_CODE[code])
     num_sequences, num_boundaries = struct.unpack_from("<QQ", header, 18)
     expected_idx_size = INDEX_HEADER_BYTES + num_sequences * 12 + num_boundaries * 8
@@ -121,7 +123,8 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
         raise IndexedDatasetError(
             f"{idx_path}: {idx_size} bytes, but its header counts {num_sequences} sequences and "
             f"{num_boundaries} document boundaries, which take {expected_idx_size} bytes "
-            f"(truncated or corrupt index)")
+            f"(truncated or corrupt index)"
+        )
     if num_boundaries < 1:
         raise IndexedDatasetError(f"{idx_path}: no document boundaries (corrupt index)")
 
@@ -135,26 +138,27 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     if boundaries[0] != 0 or boundaries[-1] != num_sequences:
         raise IndexedDatasetError(
             f"{idx_path}: document boundaries run from {boundaries[0]} to {boundaries[-1]}, "
-            f"expected 0 to {num_sequences} (corrupt index)")
+            f"expected 0 to {num_sequences} (corrupt index)"
+        )
     expected_pointer = 0
     for start in range(0, num_boundaries, _CHECK_CHUNK):
-        chunk = boundaries[start: start + _CHECK_CHUNK + 1]
+        chunk = boundaries[start : start + _CHECK_CHUNK + 1]
         if (numpy.diff(chunk) < 0).any():
             raise IndexedDatasetError(f"{idx_path}: document boundaries decrease (corrupt index)")
     for start in range(0, num_sequences, _CHECK_CHUNK):
-        chunk_lengths = lengths[start: start + _CHECK_CHUNK].astype(numpy.int64)
+        chunk_lengths = lengths[start : start + _CHECK_CHUNK].astype(numpy.int64)
         if (chunk_lengths < 0).any():
             bad = start + int(numpy.argmax(chunk_lengths < 0))
-            raise IndexedDatasetError(
-                f"{idx_path}: sequence {bad} has negative length {lengths[bad]} (corrupt index)")
+            raise IndexedDatasetError(f"{idx_path}: sequence {bad} has negative length {lengths[bad]} (corrupt index)")
         byte_lengths = chunk_lengths * dtype.itemsize
         expected = expected_pointer + numpy.concatenate(([0], numpy.cumsum(byte_lengths)[:-1]))
-        actual = pointers[start: start + len(chunk_lengths)]
+        actual = pointers[start : start + len(chunk_lengths)]
         if not numpy.array_equal(actual, expected):
             bad = start + int(numpy.argmax(actual != expected))
             raise IndexedDatasetError(
                 f"{idx_path}: sequence {bad} starts at byte {pointers[bad]}, expected "
-                f"{expected[bad - start]} from the lengths before it (corrupt index)")
+                f"{expected[bad - start]} from the lengths before it (corrupt index)"
+            )
         expected_pointer += int(byte_lengths.sum())
 
     bin_size = os.path.getsize(bin_path)
@@ -162,10 +166,15 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
         raise IndexedDatasetError(
             f"{bin_path}: {bin_size} bytes, but {idx_path} describes "
             f"{expected_pointer // dtype.itemsize} tokens of {dtype.name} = {expected_pointer} "
-            f"bytes (truncated .bin, or .bin and .idx from different runs)")
-    return IndexedDatasetInfo(prefix=prefix, dtype=dtype.type, num_sequences=num_sequences,
-                              num_documents=num_boundaries - 1,
-                              num_tokens=expected_pointer // dtype.itemsize)
+            f"bytes (truncated .bin, or .bin and .idx from different runs)"
+        )
+    return IndexedDatasetInfo(
+        prefix=prefix,
+        dtype=dtype.type,
+        num_sequences=num_sequences,
+        num_documents=num_boundaries - 1,
+        num_tokens=expected_pointer // dtype.itemsize,
+    )
 
 
 def open_indexed_dataset(prefix: str, mmap: bool = True):
@@ -190,8 +199,9 @@ def document_last_tokens(prefix: str, limit: int) -> numpy.ndarray:
     try:
         boundaries = reader.document_indices
         num_documents = len(boundaries) - 1
-        picked = numpy.unique(numpy.linspace(0, num_documents - 1, min(num_documents, limit))
-                              .round().astype(numpy.int64))
+        picked = numpy.unique(
+            numpy.linspace(0, num_documents - 1, min(num_documents, limit)).round().astype(numpy.int64)
+        )
         first, end = boundaries[picked], boundaries[picked + 1]  # sequences [first, end)
         last = end[end > first] - 1  # documents without sequences have no last token
         lengths = reader.sequence_lengths[last].astype(numpy.int64)
@@ -263,20 +273,25 @@ def _compact_index_builder_class():
             if numpy.dtype(info.dtype) != numpy.dtype(self.dtype):
                 raise IndexedDatasetError(
                     f"{path_prefix}: token dtype {numpy.dtype(info.dtype).name} differs from "
-                    f"{numpy.dtype(self.dtype).name} of the datasets before it")
+                    f"{numpy.dtype(self.dtype).name} of the datasets before it"
+                )
             reader = mcore_compat.index_reader(path_prefix + ".idx")
             offset = len(self.sequence_lengths)
             self.sequence_lengths.frombytes(reader.sequence_lengths.tobytes())
-            self.document_indices.frombytes(
-                (reader.document_indices[1:] + offset).astype(numpy.int64).tobytes())
+            self.document_indices.frombytes((reader.document_indices[1:] + offset).astype(numpy.int64).tobytes())
             del reader
             with open(path_prefix + ".bin", "rb") as part:
                 shutil.copyfileobj(part, self.data_file, 16 << 20)
 
         def finalize(self, idx_path: str) -> None:
             self.data_file.close()
-            mcore_compat.write_index(idx_path, self.dtype, self.sequence_lengths, self.document_indices,
-                                     _byte_pointers(self.sequence_lengths, self.dtype))
+            mcore_compat.write_index(
+                idx_path,
+                self.dtype,
+                self.sequence_lengths,
+                self.document_indices,
+                _byte_pointers(self.sequence_lengths, self.dtype),
+            )
 
     return CompactIndexedDatasetBuilder
 

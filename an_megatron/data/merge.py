@@ -1,4 +1,5 @@
 """Concatenation of indexed datasets (the logic of tools/merge_datasets.py)."""
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ index of the output (12 bytes per document) is the only thing that does.
 Outputs `{prefix}_{key}_document.bin/.idx` are written under temporary names and renamed only
 when complete; an error, Ctrl-C or SIGTERM removes the temporary files.
 """
+
 from __future__ import annotations
 
 import glob
@@ -36,6 +37,7 @@ SKIP_HINT = " (use --skip-bad-lines to skip such lines)"
 
 
 # ----------------------------------------------------------------------------- input
+
 
 def expand_input_paths(patterns: list[str], flag: str = "--input") -> list[str]:
     """Expand files and globs in order; a pattern that matches nothing is an error."""
@@ -108,6 +110,7 @@ def iter_line_batches(paths: list[str]):
 
 # ----------------------------------------------------------------------------- encoding
 
+
 @dataclass
 class EncodedBatch:
     """Token ids of one LineBatch, per key, plus what was skipped and why."""
@@ -148,8 +151,7 @@ class DocumentEncoder:
             except BadLine as bad:
                 result.bad_lines.append((batch.path, number, str(bad)))
         untokenizable: dict[int, str] = {}  # record index -> reason
-        encoded = {key: self._tokenize_all([r[key] for r in records], key, untokenizable)
-                   for key in self.json_keys}
+        encoded = {key: self._tokenize_all([r[key] for r in records], key, untokenizable) for key in self.json_keys}
         for index, number in enumerate(numbers):
             if index in untokenizable:
                 result.bad_lines.append((batch.path, number, untokenizable[index]))
@@ -174,11 +176,11 @@ class DocumentEncoder:
                 result.fatal = (
                     f"{batch.path}:{first_line_of_doc[key][doc]}: token id {flat[position]} "
                     f"(key {key!r}) does not fit: the index dtype is {self.dtype.name}, chosen for "
-                    f"vocab size {self.vocab_size}, so ids must be in [0, {self.vocab_size})")
+                    f"vocab size {self.vocab_size}, so ids must be in [0, {self.vocab_size})"
+                )
                 return result
             result.tokens[key] = flat.astype(self.dtype)
         return result
-
 
     def _tokenize_all(self, texts: list, key: str, untokenizable: dict) -> list:
         """Token ids of every text, batched; texts the tokenizer rejects get [] and a reason."""
@@ -225,6 +227,7 @@ def _throttled(items, slots: threading.Semaphore, stop: threading.Event):
 
 # ----------------------------------------------------------------------------- output
 
+
 class AtomicDatasetWriter:
     """Writes one indexed dataset under temporary names; commit() renames, discard() deletes."""
 
@@ -261,6 +264,7 @@ class AtomicDatasetWriter:
 
 # ----------------------------------------------------------------------------- driver
 
+
 @dataclass
 class PreprocessStats:
     documents: dict  # key -> documents written
@@ -285,8 +289,10 @@ class PreprocessStats:
             f"{total_tokens / secs:.0f} tokens/s, {self.bytes_read / secs / 1e6:.2f} MB/s)",
         ]
         if len(self.documents) > 1:
-            lines += [f"  key {k}: {self.documents[k]} documents, {self.tokens[k]} tokens, "
-                      f"{self.empty_documents[k]} empty" for k in self.documents]
+            lines += [
+                f"  key {k}: {self.documents[k]} documents, {self.tokens[k]} tokens, {self.empty_documents[k]} empty"
+                for k in self.documents
+            ]
         lines += [f"  skipped {p}:{n}: {r}" for p, n, r in self.first_bad_lines]
         lines += [f"output: {path}" for path in self.outputs]
         return lines
@@ -308,14 +314,16 @@ class _Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="preprocess", file=sys.stderr)
+            self.bar = tqdm(
+                total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess", file=sys.stderr
+            )
 
     def update(self, num_bytes: int, stats: PreprocessStats) -> None:
         docs, tokens = sum(stats.documents.values()), sum(stats.tokens.values())
         elapsed = max(time.time() - self.start, 1e-9)
-        rates = (f"{docs / elapsed:.0f} docs/s, {tokens / elapsed:.0f} tokens/s, "
-                 f"{stats.bytes_read / elapsed / 1e6:.1f} MB/s")
+        rates = (
+            f"{docs / elapsed:.0f} docs/s, {tokens / elapsed:.0f} tokens/s, {stats.bytes_read / elapsed / 1e6:.1f} MB/s"
+        )
         if self.bar is not None:
             self.bar.set_postfix_str(rates, refresh=False)
             self.bar.update(num_bytes)
@@ -328,9 +336,16 @@ class _Progress:
             self.bar.close()
 
 
-def preprocess(inputs: list[str], json_keys: list[str], tokenizer_args, output_prefix: str,
-               append_eod: bool = False, workers: int = 1, log_interval: int = 1000,
-               skip_bad_lines: bool = False) -> PreprocessStats:
+def preprocess(
+    inputs: list[str],
+    json_keys: list[str],
+    tokenizer_args,
+    output_prefix: str,
+    append_eod: bool = False,
+    workers: int = 1,
+    log_interval: int = 1000,
+    skip_bad_lines: bool = False,
+) -> PreprocessStats:
     """Tokenize jsonl(.gz) `inputs` into `{output_prefix}_{key}_document.bin/.idx` per key."""
     if not json_keys:
         raise DataError("--json-keys: give at least one key")
@@ -340,8 +355,7 @@ def preprocess(inputs: list[str], json_keys: list[str], tokenizer_args, output_p
     tokenizer = build_tokenizer(tokenizer_args)  # fail early on a bad tokenizer flag
     dtype = token_dtype_for_vocab(tokenizer.vocab_size)
 
-    stats = PreprocessStats({k: 0 for k in json_keys}, {k: 0 for k in json_keys},
-                            {k: 0 for k in json_keys})
+    stats = PreprocessStats({k: 0 for k in json_keys}, {k: 0 for k in json_keys}, {k: 0 for k in json_keys})
     total_bytes = None if any(p.endswith(".gz") for p in paths) else sum(map(os.path.getsize, paths))
     writers, pool, stop = {}, None, threading.Event()
     progress = None
@@ -354,8 +368,9 @@ def preprocess(inputs: list[str], json_keys: list[str], tokenizer_args, output_p
             slots = None
         else:
             slots = threading.Semaphore(2 * workers + 2)
-            pool = multiprocessing.Pool(workers, initializer=_init_worker,
-                                        initargs=(tokenizer_args, json_keys, append_eod))
+            pool = multiprocessing.Pool(
+                workers, initializer=_init_worker, initargs=(tokenizer_args, json_keys, append_eod)
+            )
             results = pool.imap(_encode_in_worker, _throttled(iter_line_batches(paths), slots, stop))
         progress = _Progress(total_bytes, log_interval)
         for encoded in results:
@@ -388,7 +403,7 @@ def _absorb(encoded: EncodedBatch, stats: PreprocessStats, writers: dict, skip_b
         raise DataError(encoded.fatal)
     stats.bad_lines += len(encoded.bad_lines)
     room = 10 - len(stats.first_bad_lines)
-    stats.first_bad_lines += encoded.bad_lines[:max(room, 0)]
+    stats.first_bad_lines += encoded.bad_lines[: max(room, 0)]
     stats.blank_lines += encoded.blank_lines
     stats.bytes_read += encoded.num_bytes
     for key, writer in writers.items():

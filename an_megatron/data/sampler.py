@@ -6,6 +6,7 @@ slice [r * micro_batch_size, (r + 1) * micro_batch_size). Over a global batch (t
 the gradient-accumulation steps), every layout therefore sees the same samples, and resuming
 from a number of consumed samples continues the same sequence.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,19 +17,27 @@ from an_megatron.data.errors import DataError
 class MegatronPretrainingSampler:
     """Batch sampler yielding this rank's micro-batches of dataset indices (drop_last semantics)."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 data_parallel_rank: int, data_parallel_size: int) -> None:
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ) -> None:
         if total_samples <= 0:
             raise DataError(f"the dataset has no samples (total_samples={total_samples})")
         if micro_batch_size <= 0 or data_parallel_size <= 0:
-            raise DataError(f"micro_batch_size ({micro_batch_size}) and data_parallel_size "
-                            f"({data_parallel_size}) must be positive")
+            raise DataError(
+                f"micro_batch_size ({micro_batch_size}) and data_parallel_size ({data_parallel_size}) must be positive"
+            )
         if not 0 <= data_parallel_rank < data_parallel_size:
-            raise DataError(f"data_parallel_rank {data_parallel_rank} is outside "
-                            f"[0, {data_parallel_size})")
+            raise DataError(f"data_parallel_rank {data_parallel_rank} is outside [0, {data_parallel_size})")
         if not 0 <= consumed_samples < total_samples:
-            raise DataError(f"consumed samples {consumed_samples} must be in [0, {total_samples}) "
-                            f"(the dataset has {total_samples} samples; build it for more)")
+            raise DataError(
+                f"consumed samples {consumed_samples} must be in [0, {total_samples}) "
+                f"(the dataset has {total_samples} samples; build it for more)"
+            )
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -47,9 +56,14 @@ class MegatronPretrainingSampler:
             yield list(range(start, start + self.micro_batch_size))
 
 
-def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int,
-                      data_parallel_rank: int, data_parallel_size: int,
-                      num_workers: int = 0) -> torch.utils.data.DataLoader | None:
+def build_data_loader(
+    dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader | None:
     """A DataLoader over `dataset` (a GPTDataset or blend) for this data-parallel rank.
 
     Batches are dicts of stacked tensors as GPTDataset returns them: at least 'tokens', 'labels'
@@ -58,8 +72,13 @@ def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int,
     """
     if dataset is None:
         return None
-    sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
-                                         data_parallel_rank, data_parallel_size)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=num_workers > 0)
+    sampler = MegatronPretrainingSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

@@ -12,6 +12,7 @@ The model has byte fallback, <unk>=0, <s>=1, </s>=2, <pad>=3 and the control sym
 vocabulary is exactly --vocab-size, end of document is <EOD>), and GPTSentencePieceTokenizer
 ends documents with </s>.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,9 @@ class TokenizerTrainingStats:
     seconds: float = 0.0
 
 
-def iter_sentences(paths: list[str], json_keys: list[str], max_bytes: int, skip_bad_lines: bool,
-                   stats: TokenizerTrainingStats):
+def iter_sentences(
+    paths: list[str], json_keys: list[str], max_bytes: int, skip_bad_lines: bool, stats: TokenizerTrainingStats
+):
     """Yield training sentences: the lines of every document, long ones split to fit."""
     for path in paths:
         stats.files += 1
@@ -80,8 +82,9 @@ def iter_sentences(paths: list[str], json_keys: list[str], max_bytes: int, skip_
                         texts = list(parse_json_line(raw, json_keys).values())
                     except BadLine as bad:
                         if not skip_bad_lines:
-                            raise DataError(f"{path}:{number}: {bad} (use --skip-bad-lines to "
-                                            f"skip such lines)") from None
+                            raise DataError(
+                                f"{path}:{number}: {bad} (use --skip-bad-lines to skip such lines)"
+                            ) from None
                         stats.bad_lines += 1
                         if len(stats.first_bad_lines) < 10:
                             stats.first_bad_lines.append(f"{path}:{number}: {bad}")
@@ -102,17 +105,25 @@ def iter_sentences(paths: list[str], json_keys: list[str], max_bytes: int, skip_
                             yield piece
 
 
-def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int,
-                        json_keys=("text",), sample_sentences: int = 2_000_000,
-                        max_sentence_length: int = 4192, character_coverage: float = 0.9995,
-                        skip_bad_lines: bool = False, num_threads: int | None = None,
-                        verbose: bool = False) -> TokenizerTrainingStats:
+def train_sentencepiece(
+    inputs: list[str],
+    output_prefix: str,
+    vocab_size: int,
+    json_keys=("text",),
+    sample_sentences: int = 2_000_000,
+    max_sentence_length: int = 4192,
+    character_coverage: float = 0.9995,
+    skip_bad_lines: bool = False,
+    num_threads: int | None = None,
+    verbose: bool = False,
+) -> TokenizerTrainingStats:
     """Train `{output_prefix}.model` / `.vocab` (written under temporary names, then renamed)."""
     import sentencepiece
 
     if vocab_size < 8 + 256 + 1:
-        raise DataError(f"--vocab-size {vocab_size}: too small; byte fallback and the special "
-                        f"pieces alone take {8 + 256}")
+        raise DataError(
+            f"--vocab-size {vocab_size}: too small; byte fallback and the special pieces alone take {8 + 256}"
+        )
     paths = expand_input_paths(list(inputs))
     stats = TokenizerTrainingStats()
     if os.path.dirname(output_prefix):
@@ -121,8 +132,7 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int,
     start = time.time()
     try:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter_sentences(paths, list(json_keys), max_sentence_length,
-                                             skip_bad_lines, stats),
+            sentence_iterator=iter_sentences(paths, list(json_keys), max_sentence_length, skip_bad_lines, stats),
             model_prefix=tmp_prefix,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -136,7 +146,10 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int,
             remove_extra_whitespaces=False,
             split_digits=True,
             allow_whitespace_only_pieces=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
             control_symbols=list(MEGATRON_SP_SPECIALS),  # so Megatron's tokenizer appends none
             num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=0 if verbose else 2,
@@ -149,7 +162,7 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int,
         message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
         if "Vocabulary size" in message:
             # Drop SentencePiece's "INTERNAL: trainer_interface.cc(...) [...]" preamble.
-            message = message[message.index("Vocabulary size"):]
+            message = message[message.index("Vocabulary size") :]
             raise DataError(f"--vocab-size {vocab_size}: {message} for this corpus") from None
         raise DataError(f"SentencePiece training failed: {message}") from None
     finally:

@@ -22,6 +22,7 @@ For --eod-token (see eod.py) each also has `token_to_id(token)`, `id_to_token(id
 `eod_candidates`: the ids another Megatron tokenizer path may have written as end of document
 for the same model (SentencePiece: <EOD> and the model's eos </s>).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,11 @@ HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot
 
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
     """Megatron's padded vocabulary: round up to a multiple of divisible_by * tp_size."""
-    for name, value in (("vocab_size", vocab_size), ("make_vocab_size_divisible_by", divisible_by),
-                        ("tensor_model_parallel_size", tp_size)):
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("make_vocab_size_divisible_by", divisible_by),
+        ("tensor_model_parallel_size", tp_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise DataError(f"{name} must be a positive integer, got {value!r}")
     multiple = divisible_by * tp_size
@@ -70,9 +74,12 @@ class _Tokenizer:
     @property
     def unique_identifiers(self) -> OrderedDict:
         return OrderedDict(
-            [("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-             ("files", [os.path.abspath(a) if isinstance(a, str) else a for a in self._init_args]),
-             ("vocab_size", self.vocab_size)])
+            [
+                ("class", f"{type(self).__module__}.{type(self).__qualname__}"),
+                ("files", [os.path.abspath(a) if isinstance(a, str) else a for a in self._init_args]),
+                ("vocab_size", self.vocab_size),
+            ]
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod})"
@@ -101,8 +108,7 @@ class _SentencePieceModel(_Tokenizer):
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         except (OSError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-            raise DataError(f"--tokenizer-model {model_file}: not a SentencePiece model "
-                            f"({reason})") from None
+            raise DataError(f"--tokenizer-model {model_file}: not a SentencePiece model ({reason})") from None
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -116,8 +122,7 @@ class _SentencePieceModel(_Tokenizer):
         return piece_id if self._sp.id_to_piece(piece_id) == token else None  # unknown -> <unk>
 
     def id_to_token(self, token_id: int) -> str:
-        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() \
-            else str(token_id)
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else str(token_id)
 
 
 class SentencePieceTokenizer(_SentencePieceModel):
@@ -129,8 +134,7 @@ class SentencePieceTokenizer(_SentencePieceModel):
         self._special_ids: dict[str, int] = {}
         self._appended: dict[int, str] = {}  # ids past the model's pieces -> token text
         wanted = list(MEGATRON_SP_SPECIALS)
-        for id_fn, fallback in ((self._sp.pad_id, "<PAD>"), (self._sp.bos_id, "<BOS>"),
-                                (self._sp.eos_id, "<EOS>")):
+        for id_fn, fallback in ((self._sp.pad_id, "<PAD>"), (self._sp.bos_id, "<BOS>"), (self._sp.eos_id, "<EOS>")):
             piece_id = id_fn()
             wanted.append(self._sp.id_to_piece(piece_id) if piece_id >= 0 else fallback)
         for token in wanted:
@@ -181,8 +185,10 @@ class GPTSentencePieceTokenizer(_SentencePieceModel):
     def __init__(self, model_file: str) -> None:
         super().__init__(model_file)
         if self._sp.eos_id() < 0:
-            raise DataError(f"--tokenizer-model {model_file}: the SentencePiece model has no eos "
-                            f"piece, which GPTSentencePieceTokenizer uses as end of document")
+            raise DataError(
+                f"--tokenizer-model {model_file}: the SentencePiece model has no eos "
+                f"piece, which GPTSentencePieceTokenizer uses as end of document"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -241,8 +247,9 @@ class HuggingFaceTokenizer(_HFTokenizersWrapper):
         try:
             self._tok = Tokenizer.from_file(json_path)
         except Exception as error:  # the library raises a bare Exception on bad JSON
-            raise DataError(f"--tokenizer-model {json_path}: not a HuggingFace tokenizer.json "
-                            f"({str(error).splitlines()[0]})") from None
+            raise DataError(
+                f"--tokenizer-model {json_path}: not a HuggingFace tokenizer.json ({str(error).splitlines()[0]})"
+            ) from None
         self._eod = self._find_eod(json_path)
 
     def _find_eod(self, json_path: str) -> int:
@@ -259,8 +266,9 @@ class HuggingFaceTokenizer(_HFTokenizersWrapper):
             token_id = self._tok.token_to_id(token)
             if token_id is not None:
                 return token_id
-        raise DataError(f"--tokenizer-model {json_path}: cannot find an end-of-document token "
-                        f"(tried {', '.join(candidates)})")
+        raise DataError(
+            f"--tokenizer-model {json_path}: cannot find an end-of-document token (tried {', '.join(candidates)})"
+        )
 
     @property
     def eod(self) -> int:
@@ -277,8 +285,10 @@ class GPT2BPETokenizer(_HFTokenizersWrapper):
         try:
             self._tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
         except Exception as error:
-            raise DataError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot load "
-                            f"GPT-2 BPE ({str(error).splitlines()[0]})") from None
+            raise DataError(
+                f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot load "
+                f"GPT-2 BPE ({str(error).splitlines()[0]})"
+            ) from None
         # GPT-2 splits on its regex and maps bytes to printable characters, no prefix space.
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
@@ -365,22 +375,22 @@ def build_tokenizer(args):
     """
     kind = getattr(args, "tokenizer_type", None)
     if kind == "SentencePieceTokenizer":
-        tokenizer = SentencePieceTokenizer(
-            _require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
+        tokenizer = SentencePieceTokenizer(_require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
     elif kind == "GPTSentencePieceTokenizer":
         tokenizer = GPTSentencePieceTokenizer(
-            _require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
+            _require_file("--tokenizer-model", getattr(args, "tokenizer_model", None))
+        )
     elif kind == "HuggingFaceTokenizer":
-        tokenizer = HuggingFaceTokenizer(
-            _require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
+        tokenizer = HuggingFaceTokenizer(_require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
     elif kind == "GPT2BPETokenizer":
-        tokenizer = GPT2BPETokenizer(_require_file("--vocab-file", getattr(args, "vocab_file", None)),
-                                     _require_file("--merge-file", getattr(args, "merge_file", None)))
+        tokenizer = GPT2BPETokenizer(
+            _require_file("--vocab-file", getattr(args, "vocab_file", None)),
+            _require_file("--merge-file", getattr(args, "merge_file", None)),
+        )
     elif kind == "NullTokenizer":
         vocab_size = getattr(args, "vocab_size", None)
         if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise DataError(f"--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1), "
-                            f"got {vocab_size!r}")
+            raise DataError(f"--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1), got {vocab_size!r}")
         tokenizer = NullTokenizer(vocab_size)
     elif kind is None:
         raise DataError(f"--tokenizer-type is required (one of {', '.join(TOKENIZER_TYPES)})")
@@ -389,5 +399,6 @@ def build_tokenizer(args):
     args.padded_vocab_size = pad_vocab_size(
         tokenizer.vocab_size,
         getattr(args, "make_vocab_size_divisible_by", None) or 128,
-        getattr(args, "tensor_model_parallel_size", None) or 1)
+        getattr(args, "tensor_model_parallel_size", None) or 1,
+    )
     return tokenizer

@@ -6,6 +6,7 @@ unit ball, and the optimizer defaults. ``ModelConfig(arch=name)`` looks the spec
 ``ARCH_SPECS``, and ``--arch`` offers its keys: a new architecture is a new entry here (or one
 registered in ``ARCH_SPECS`` from outside), not an ``if`` in the block code.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,19 +54,40 @@ class ArchSpec:
 
 ARCH_SPECS: dict[str, ArchSpec] = {
     "angpt": ArchSpec(
-        pre_norm=c.no_op, qk_norm=c.ScaledUnitQK, residual=c.ScaledLerpResidual, gate_scales=c.GateScales,
-        final_norm=c.no_op, logit_scale=c.LogitScale, softmax_scale=math.sqrt, factors=angpt_factors,
-        init=c.unit_init, weight_norm="bound",
+        pre_norm=c.no_op,
+        qk_norm=c.ScaledUnitQK,
+        residual=c.ScaledLerpResidual,
+        gate_scales=c.GateScales,
+        final_norm=c.no_op,
+        logit_scale=c.LogitScale,
+        softmax_scale=math.sqrt,
+        factors=angpt_factors,
+        init=c.unit_init,
+        weight_norm="bound",
     ),
     "ngpt": ArchSpec(
-        pre_norm=c.no_op, qk_norm=c.ScaledUnitQK, residual=c.SphereResidual, gate_scales=c.GateScales,
-        final_norm=c.no_op, logit_scale=c.LogitScale, softmax_scale=math.sqrt, factors=no_factors,
-        init=c.unit_init, weight_norm="normalize",
+        pre_norm=c.no_op,
+        qk_norm=c.ScaledUnitQK,
+        residual=c.SphereResidual,
+        gate_scales=c.GateScales,
+        final_norm=c.no_op,
+        logit_scale=c.LogitScale,
+        softmax_scale=math.sqrt,
+        factors=no_factors,
+        init=c.unit_init,
+        weight_norm="normalize",
     ),
     "gptplus": ArchSpec(
-        pre_norm=c.hidden_rmsnorm, qk_norm=c.QKRMSNorm, residual=c.AddResidual, gate_scales=c.NoGateScales,
-        final_norm=c.hidden_rmsnorm, logit_scale=c.no_op, softmax_scale=lambda dh: 1 / math.sqrt(dh),
-        factors=no_factors, init=c.normal_init, weight_norm="none",
+        pre_norm=c.hidden_rmsnorm,
+        qk_norm=c.QKRMSNorm,
+        residual=c.AddResidual,
+        gate_scales=c.NoGateScales,
+        final_norm=c.hidden_rmsnorm,
+        logit_scale=c.no_op,
+        softmax_scale=lambda dh: 1 / math.sqrt(dh),
+        factors=no_factors,
+        init=c.normal_init,
+        weight_norm="none",
         # the paper's GPT+ recipe: AdamW with weight decay and 10% warm-up (at most 2000 iterations)
         optimizer=OptimizerDefaults(weight_decay=0.1, warmup_percent=10, max_warmup_iters=2000),
     ),

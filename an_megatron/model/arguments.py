@@ -1,4 +1,5 @@
 """Model flags (Megatron's names where Megatron has the concept) and the config they build."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,17 +33,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
     g.add_argument("--seq-length", type=int, default=256)
     g.add_argument("--rotary-base", type=float, default=10000.0)
-    g.add_argument("--nu-att", choices=NU_ATT_OPTIONS, default="gaussian",
-                   help="anGPT's factor after attention: gaussian (predicted from s_qk's logit variance; default), "
-                        "exact (sum of squared attention weights, from the kernels' log-sum-exp; one extra "
-                        "forward-only attention pass), dense (sqrt(t), the paper's uniform-attention assumption), none")
+    g.add_argument(
+        "--nu-att",
+        choices=NU_ATT_OPTIONS,
+        default="gaussian",
+        help="anGPT's factor after attention: gaussian (predicted from s_qk's logit variance; default), "
+        "exact (sum of squared attention weights, from the kernels' log-sum-exp; one extra "
+        "forward-only attention pass), dense (sqrt(t), the paper's uniform-attention assumption), none",
+    )
     g.add_argument("--alpha-init", type=float, default=None, help="s_init of alpha_A and alpha_M (default 0.05)")
     g.add_argument("--alpha-scalar", action="store_true", help="one alpha per block instead of a vector")
     g.add_argument("--no-nu-lerp", action="store_true", help="ablation: drop anGPT's residual factor")
-    g.add_argument("--weight-norm", choices=WEIGHT_NORMS, default=None,
-                   help="bound (anGPT), normalize (nGPT) or none (GPT+); default: the arch's own")
-    g.add_argument("--scale", type=_scale_spec, action="append", default=[], metavar="NAME=INIT[,SCALE]",
-                   help=f"learnable scale init/reparameterization; NAME in {', '.join(DEFAULT_SCALES)}")
+    g.add_argument(
+        "--weight-norm",
+        choices=WEIGHT_NORMS,
+        default=None,
+        help="bound (anGPT), normalize (nGPT) or none (GPT+); default: the arch's own",
+    )
+    g.add_argument(
+        "--scale",
+        type=_scale_spec,
+        action="append",
+        default=[],
+        metavar="NAME=INIT[,SCALE]",
+        help=f"learnable scale init/reparameterization; NAME in {', '.join(DEFAULT_SCALES)}",
+    )
     g.add_argument("--init-method-std", type=float, default=0.02, help="GPT+ weight init std")
     add_fp8_args(parser)
     return parser
@@ -51,18 +66,39 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_fp8_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron's precision flags, plus ``--fp8-backend`` (docs/FP8.md)."""
     g = parser.add_argument_group("transformer engine and FP8")
-    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
-                   help="local: megatron-core's linears; transformer_engine: TE's (pip install -e '.[fp8]', CUDA)")
-    g.add_argument("--fp8-format", dest="fp8", choices=FP8_FORMATS, default=None,
-                   help="train the linears in FP8: e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients)")
-    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=None,
-                   help="scaling recipe; default delayed with --fp8-backend te, tensorwise with torch")
-    g.add_argument("--fp8-backend", choices=FP8_BACKENDS, default=None,
-                   help="te: Transformer Engine (default); torch: torch._scaled_mm, per-tensor dynamic scaling")
+    g.add_argument(
+        "--transformer-impl",
+        choices=TRANSFORMER_IMPLS,
+        default="local",
+        help="local: megatron-core's linears; transformer_engine: TE's (pip install -e '.[fp8]', CUDA)",
+    )
+    g.add_argument(
+        "--fp8-format",
+        dest="fp8",
+        choices=FP8_FORMATS,
+        default=None,
+        help="train the linears in FP8: e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients)",
+    )
+    g.add_argument(
+        "--fp8-recipe",
+        choices=FP8_RECIPES,
+        default=None,
+        help="scaling recipe; default delayed with --fp8-backend te, tensorwise with torch",
+    )
+    g.add_argument(
+        "--fp8-backend",
+        choices=FP8_BACKENDS,
+        default=None,
+        help="te: Transformer Engine (default); torch: torch._scaled_mm, per-tensor dynamic scaling",
+    )
     g.add_argument("--fp8-margin", type=int, default=0, help="scale so that amax sits 2^margin below the maximum")
     g.add_argument("--fp8-amax-history-len", type=int, default=1, help="delayed scaling: amax history length")
-    g.add_argument("--fp8-amax-compute-algo", choices=AMAX_COMPUTE_ALGOS, default="most_recent",
-                   help="delayed scaling: scale from the most recent amax or the history's max")
+    g.add_argument(
+        "--fp8-amax-compute-algo",
+        choices=AMAX_COMPUTE_ALGOS,
+        default="most_recent",
+        help="delayed scaling: scale from the most recent amax or the history's max",
+    )
     return parser
 
 
@@ -71,13 +107,27 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
     if args.alpha_init is not None:
         scales["alpha"] = (args.alpha_init, scales.get("alpha", DEFAULT_SCALES["alpha"])[1])
     return ModelConfig(
-        arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
-        vocab_size=vocab_size, seq_length=args.seq_length, rope_theta=args.rotary_base, nu_att=args.nu_att,
-        use_nu_lerp=not args.no_nu_lerp, alpha_per_dim=not args.alpha_scalar, scales=scales,
-        weight_norm=args.weight_norm, init_std=args.init_method_std,
-        tensor_model_parallel_size=getattr(args, "tensor_model_parallel_size", 1), seed=getattr(args, "seed", 1234),
-        transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe=args.fp8_recipe, fp8_backend=args.fp8_backend,
-        fp8_margin=args.fp8_margin, fp8_amax_history_len=args.fp8_amax_history_len,
+        arch=args.arch,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        vocab_size=vocab_size,
+        seq_length=args.seq_length,
+        rope_theta=args.rotary_base,
+        nu_att=args.nu_att,
+        use_nu_lerp=not args.no_nu_lerp,
+        alpha_per_dim=not args.alpha_scalar,
+        scales=scales,
+        weight_norm=args.weight_norm,
+        init_std=args.init_method_std,
+        tensor_model_parallel_size=getattr(args, "tensor_model_parallel_size", 1),
+        seed=getattr(args, "seed", 1234),
+        transformer_impl=args.transformer_impl,
+        fp8=args.fp8,
+        fp8_recipe=args.fp8_recipe,
+        fp8_backend=args.fp8_backend,
+        fp8_margin=args.fp8_margin,
+        fp8_amax_history_len=args.fp8_amax_history_len,
         fp8_amax_compute_algo=args.fp8_amax_compute_algo,
     )

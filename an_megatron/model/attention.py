@@ -16,6 +16,7 @@ mask is made at all. Elsewhere (CPU, fp32, and the exact factor's log-sum-exps) 
 additive bias ``(b, 1, T, T)`` of 0 and -inf: ``b T^2`` elements, while the kernels still never
 hold the logits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,14 +50,16 @@ def _kernel_with_lse(q, k, v, scale: float, bias: torch.Tensor | None):
     """``(output, LSE)`` from a fused kernel, or None where none applies. ``(b, heads, T, d_h)``."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, bias is None, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
+            q, k, v, 0.0, bias is None, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale
+        )
         return out, lse
     if q.device.type == "cuda":
         # The memory-efficient kernel takes a bias and returns LSE (padded along the queries).
         if bias is not None:
             bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, bias is None, scale=scale)[:2]
+            q, k, v, bias, True, 0.0, bias is None, scale=scale
+        )[:2]
         return out, lse[..., : q.shape[2]]
     return None
 
@@ -66,7 +69,8 @@ def _explicit_with_lse(q, k, v, scale: float, bias: torch.Tensor | None):
     if bias is None:
         T = q.shape[2]
         bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(
-            torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+        )
     logits = logits + bias.to(logits.dtype)
     lse = torch.logsumexp(logits, dim=-1)
     return torch.exp(logits - lse[..., None]) @ v, lse
@@ -97,8 +101,17 @@ def _varlen_causal_attention(q, k, v, scale: float, document_ids: torch.Tensor) 
     def tokens_major(x):
         return x.transpose(1, 2).reshape(b * T, heads, dh)
 
-    out = varlen_attn(tokens_major(q), tokens_major(k), tokens_major(v), cu_seqlens, cu_seqlens, longest, longest,
-                      scale=scale, window_size=(-1, 0))
+    out = varlen_attn(
+        tokens_major(q),
+        tokens_major(k),
+        tokens_major(v),
+        cu_seqlens,
+        cu_seqlens,
+        longest,
+        longest,
+        scale=scale,
+        window_size=(-1, 0),
+    )
     return out.view(b, T, heads, dh).transpose(1, 2)
 
 
@@ -112,8 +125,7 @@ def attention(q, k, v, scale: float, document_ids: torch.Tensor | None = None) -
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_bias(document_ids, q.dtype), scale=scale)
 
 
-def attention_with_exact_nu_att(q, k, v, scale: float, document_ids: torch.Tensor | None = None,
-                                fused: bool = True):
+def attention_with_exact_nu_att(q, k, v, scale: float, document_ids: torch.Tensor | None = None, fused: bool = True):
     """``(output, nu_att)``: the attention output and the exact factor ``(sum_j a_tj^2)^(-1/2)``
     per query and head, ``(b, heads, T, 1)``, a constant in backward (as ANGPT.md defines it).
 

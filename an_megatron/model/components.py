@@ -3,6 +3,7 @@
 Each is the literal formula from ANGPT.md; the block code in ``gpt.py`` calls them without
 knowing which architecture it is.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The model's configuration: one dataclass for anGPT, nGPT and GPT+, validated on creation."""
+
 from __future__ import annotations
 
 import math

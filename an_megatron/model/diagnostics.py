@@ -5,6 +5,7 @@ hook on each tap and reports, per tap, the mean and standard deviation over toke
 norm along the last dimension (per head for ``(b, s, heads, d_h)`` tensors). For anGPT each
 should be near 1 at initialization; that is the approximation the method rests on.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,14 @@ def measure_norms(model: torch.nn.Module, tokens: torch.Tensor, tp_group=None) -
             norms = sq.sqrt().flatten()
             layer, short = _layer_and_name(name)
             records.append(
-                dict(layer=layer, name=short, what=TAP_NAMES.get(short, short),
-                     mean=norms.mean().item(), std=norms.std().item(), target=1.0)
+                dict(
+                    layer=layer,
+                    name=short,
+                    what=TAP_NAMES.get(short, short),
+                    mean=norms.mean().item(),
+                    std=norms.std().item(),
+                    target=1.0,
+                )
             )
 
         return fn

@@ -8,6 +8,7 @@ All dimensions are the model's **global** dimensions (``d``, ``f``, ``d_h``). A 
 rank holds only ``f / tp`` MLP columns or ``H / tp`` heads, but the norms it must correct are
 those of the whole vectors, so a shard's local shape would be off by ``sqrt(tp)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,9 @@ def logit_variance(s_qk: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     return softmax_scale**2 * s_qk.pow(4).sum(-1) / s_qk.shape[-1] ** 2
 
 
-def expected_sum_sq_weights(variance: torch.Tensor, keys: torch.Tensor, quadrature_points: int = 48,
-                            grid_points: int = 512) -> torch.Tensor:
+def expected_sum_sq_weights(
+    variance: torch.Tensor, keys: torch.Tensor, quadrature_points: int = 48, grid_points: int = 512
+) -> torch.Tensor:
     """``E[sum_j a_j^2]`` for softmax weights over ``keys`` independent ``N(0, variance)`` logits.
 
     With ``w_j = exp(s_j)`` and ``1 / x^2 = int_0^inf lam e^(-lam x) dlam``, independence gives
@@ -112,8 +114,9 @@ def expected_sum_sq_weights(variance: torch.Tensor, keys: torch.Tensor, quadratu
     keys = keys.double()
     # lam * w spans [e^(lo - 6 sigma), e^(hi + 6 sigma)]: from "every exp(-lam w) is ~1" to "~0"
     reach = 6.0 * float(math.sqrt(max(float(variance.detach().max()), 0.0))) + 8.0  # one sync per call
-    u = torch.linspace(-reach - math.log(float(keys.max())), reach, grid_points, dtype=torch.float64,
-                       device=variance.device)
+    u = torch.linspace(
+        -reach - math.log(float(keys.max())), reach, grid_points, dtype=torch.float64, device=variance.device
+    )
     lam_w = torch.exp(u[None, :, None] + log_w[:, None, :])  # (heads, U, G)
     phi0 = (w * torch.exp(-lam_w)).sum(-1)  # (heads, U)
     phi2 = (w * torch.exp(2 * log_w[:, None, :] - lam_w)).sum(-1)
@@ -187,8 +190,14 @@ class Factors:
 
 def angpt_factors(config: ModelConfig) -> Factors:
     d, dh, f = config.hidden_size, config.head_dim, config.ffn_hidden_size
-    return Factors(nu_qkv=nu_linear(d, dh), nu_o=nu_linear(dh, d), nu_uz=nu_linear(d, f), nu_act=nu_act(d, f),
-                   nu_down=nu_linear(f, d), nu_att=config.nu_att)
+    return Factors(
+        nu_qkv=nu_linear(d, dh),
+        nu_o=nu_linear(dh, d),
+        nu_uz=nu_linear(d, f),
+        nu_act=nu_act(d, f),
+        nu_down=nu_linear(f, d),
+        nu_att=config.nu_att,
+    )
 
 
 def no_factors(config: ModelConfig) -> Factors:

@@ -28,6 +28,7 @@ Why our own ~100 lines and not torchao's ``Float8Linear``:
 The cost of this choice: amax, scale and cast run as separate kernels (extra passes over each
 operand), so the speedup is below TE's fused kernels. TE remains the fast path where installed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,7 +62,9 @@ def check_fp8(config) -> None:
     if c.transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"--transformer-impl {c.transformer_impl!r}: choose one of {', '.join(TRANSFORMER_IMPLS)}")
     if c.transformer_impl == "transformer_engine" and not transformer_engine_installed():
-        raise ValueError(f"--transformer-impl transformer_engine: Transformer Engine is not installed; {TE_INSTALL_HINT}")
+        raise ValueError(
+            f"--transformer-impl transformer_engine: Transformer Engine is not installed; {TE_INSTALL_HINT}"
+        )
     if c.fp8 is None:
         for flag, value in (("--fp8-recipe", c.fp8_recipe), ("--fp8-backend", c.fp8_backend)):
             if value is not None:
@@ -76,23 +79,29 @@ def check_fp8(config) -> None:
     if c.fp8_recipe not in FP8_RECIPES:
         raise ValueError(f"--fp8-recipe {c.fp8_recipe!r}: choose one of {', '.join(FP8_RECIPES)}")
     if c.fp8_backend == "te" and c.transformer_impl != "transformer_engine":
-        raise ValueError("--fp8-backend te needs --transformer-impl transformer_engine "
-                         "(or --fp8-backend torch, which needs no Transformer Engine)")
+        raise ValueError(
+            "--fp8-backend te needs --transformer-impl transformer_engine "
+            "(or --fp8-backend torch, which needs no Transformer Engine)"
+        )
     if c.fp8_backend == "torch" and c.transformer_impl != "local":
         raise ValueError("--fp8-backend torch swaps the matmul of the local linears: use --transformer-impl local")
     if c.fp8_backend == "torch" and c.fp8_recipe != "tensorwise":
-        raise ValueError(f"--fp8-backend torch implements --fp8-recipe tensorwise (per-tensor dynamic scaling) "
-                         f"only, not {c.fp8_recipe!r}")
+        raise ValueError(
+            f"--fp8-backend torch implements --fp8-recipe tensorwise (per-tensor dynamic scaling) "
+            f"only, not {c.fp8_recipe!r}"
+        )
     if c.fp8_margin < 0:
         raise ValueError(f"--fp8-margin {c.fp8_margin} must be >= 0")
     if c.fp8_amax_history_len < 1:
         raise ValueError(f"--fp8-amax-history-len {c.fp8_amax_history_len} must be >= 1")
     if c.fp8_amax_compute_algo not in AMAX_COMPUTE_ALGOS:
-        raise ValueError(f"--fp8-amax-compute-algo {c.fp8_amax_compute_algo!r}: choose one of "
-                         f"{', '.join(AMAX_COMPUTE_ALGOS)}")
+        raise ValueError(
+            f"--fp8-amax-compute-algo {c.fp8_amax_compute_algo!r}: choose one of {', '.join(AMAX_COMPUTE_ALGOS)}"
+        )
     if c.fp8_recipe != "delayed" and (c.fp8_amax_history_len != 1 or c.fp8_amax_compute_algo != "most_recent"):
-        raise ValueError(f"--fp8-amax-history-len/--fp8-amax-compute-algo apply to --fp8-recipe delayed only, "
-                         f"not {c.fp8_recipe!r}")
+        raise ValueError(
+            f"--fp8-amax-history-len/--fp8-amax-compute-algo apply to --fp8-recipe delayed only, not {c.fp8_recipe!r}"
+        )
 
 
 # ---- Transformer Engine -----------------------------------------------------------------------
@@ -115,15 +124,17 @@ def import_transformer_engine():
     return transformer_engine
 
 
-def te_recipe_kwargs(fp8_format: str, recipe: str, margin: int = 0, amax_history_len: int = 1,
-                     amax_compute_algo: str = "most_recent") -> tuple[str, dict]:
+def te_recipe_kwargs(
+    fp8_format: str, recipe: str, margin: int = 0, amax_history_len: int = 1, amax_compute_algo: str = "most_recent"
+) -> tuple[str, dict]:
     """``(class name in transformer_engine.common.recipe, keyword arguments)`` for the flags, as
     megatron-core's ``get_fp8_recipe`` builds it; the format is the name of a ``Format`` member.
     Plain data, so it is testable without TE."""
     te_format = {"e4m3": "E4M3", "hybrid": "HYBRID"}[fp8_format]
     if recipe == "delayed":
-        return "DelayedScaling", dict(fp8_format=te_format, margin=margin, amax_history_len=amax_history_len,
-                                      amax_compute_algo=amax_compute_algo)
+        return "DelayedScaling", dict(
+            fp8_format=te_format, margin=margin, amax_history_len=amax_history_len, amax_compute_algo=amax_compute_algo
+        )
     return {"tensorwise": "Float8CurrentScaling", "mxfp8": "MXFP8BlockScaling"}[recipe], dict(fp8_format=te_format)
 
 
@@ -144,10 +155,14 @@ def fp8_autocast(config):
     from megatron.core import parallel_state
 
     te = import_transformer_engine()
-    recipe = _te_recipe(config.fp8, config.fp8_recipe, config.fp8_margin, config.fp8_amax_history_len,
-                        config.fp8_amax_compute_algo)
-    group = (parallel_state.get_amax_reduction_group(with_context_parallel=True)
-             if parallel_state.model_parallel_is_initialized() else None)
+    recipe = _te_recipe(
+        config.fp8, config.fp8_recipe, config.fp8_margin, config.fp8_amax_history_len, config.fp8_amax_compute_algo
+    )
+    group = (
+        parallel_state.get_amax_reduction_group(with_context_parallel=True)
+        if parallel_state.model_parallel_is_initialized()
+        else None
+    )
     return te.pytorch.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
 
 
@@ -181,14 +196,16 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> tuple[torc
 def scaled_matmul(a: torch.Tensor, a_inv_scale, b: torch.Tensor, b_inv_scale, out_dtype) -> torch.Tensor:
     """``(a / s_a) @ (b / s_b)`` for FP8 ``a (m, k)``, ``b (k, n)``, accumulated in fp32. cuBLAS
     wants ``a`` row-major and ``b`` column-major; the copies are no-ops when already so."""
-    return torch._scaled_mm(a.contiguous(), b.t().contiguous().t(), scale_a=a_inv_scale, scale_b=b_inv_scale,
-                            out_dtype=out_dtype)
+    return torch._scaled_mm(
+        a.contiguous(), b.t().contiguous().t(), scale_a=a_inv_scale, scale_b=b_inv_scale, out_dtype=out_dtype
+    )
 
 
 @dataclass(frozen=True)
 class FP8Scaling:
     """Formats of the torch backend: ``forward`` for activations and weights, ``grad`` for the
     output gradient; ``margin`` leaves ``2^margin`` headroom below the format's maximum."""
+
     forward: torch.dtype = torch.float8_e4m3fn
     grad: torch.dtype = torch.float8_e5m2
     margin: int = 0
@@ -235,6 +252,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: FP8Scaling) -> to
     if x.is_cuda:
         tokens = x.numel() // x.shape[-1]
         if x.shape[-1] % 16 or weight.shape[0] % 16 or tokens % 16:
-            raise ValueError(f"FP8 linear needs sizes divisible by 16: in {x.shape[-1]}, out {weight.shape[0]}, "
-                             f"tokens per micro-batch {tokens}")
+            raise ValueError(
+                f"FP8 linear needs sizes divisible by 16: in {x.shape[-1]}, out {weight.shape[0]}, "
+                f"tokens per micro-batch {tokens}"
+            )
     return FP8Matmul.apply(x, weight, scaling)

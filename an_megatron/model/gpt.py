@@ -9,6 +9,7 @@ quantities of ANGPT.md for ``tools/measure_norms.py``. Tensors are
 MLP units and ``V / tp`` logits, through megatron-core's parallel layers (``layers.py``).
 The model itself contains no process-group code.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -204,8 +205,9 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, spec, i) for i in range(config.num_layers))
         self.head = Head(config, spec)
 
-    def forward(self, tokens: torch.Tensor, labels=None, loss_mask=None, position_ids=None,
-                document_ids=None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels=None, loss_mask=None, position_ids=None, document_ids=None
+    ) -> torch.Tensor:
         """Vocab-parallel logits ``(b, s, V / tp)`` for token ids ``(b, s)``; with ``labels``,
         the mean loss instead (so a DeepSpeed engine's forward returns the loss).
         ``document_ids`` ``(b, s)`` keep attention inside each packed document;

@@ -10,6 +10,7 @@ Which classes implement the column- and row-parallel linears (megatron-core's, t
 or Transformer Engine's) is chosen here from the config by ``linear_impl``; every choice takes
 the same initializer and gets the same ``norm_constraint``.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -66,8 +67,13 @@ def column_parallel(config: ModelConfig, name: str, n_in: int, n_out: int, strid
     """``n_in -> n_out`` with the output split over TP ranks (rows whole on each rank).
     ``stride`` > 1 fuses that many equal logical matrices stacked along the output."""
     layer = linear_impl(config, name).column(
-        n_in, n_out, config=parallel_config(config), init_method=_init_method(config, name, _norm_dim(config, 1)),
-        bias=False, gather_output=False, stride=stride,
+        n_in,
+        n_out,
+        config=parallel_config(config),
+        init_method=_init_method(config, name, _norm_dim(config, 1)),
+        bias=False,
+        gather_output=False,
+        stride=stride,
     )
     layer.weight.norm_constraint = _constraint(config, embedding_axis=1, row_parallel=False)
     return layer
@@ -77,8 +83,13 @@ def row_parallel(config: ModelConfig, name: str, n_in: int, n_out: int) -> RowPa
     """``n_in -> n_out`` with the input split over TP ranks; the output is all-reduced.
     Used for W_o and W_down, whose embedding dimension is the output."""
     layer = linear_impl(config, name).row(
-        n_in, n_out, config=parallel_config(config), init_method=_init_method(config, name, _norm_dim(config, 0)),
-        bias=False, input_is_parallel=True, skip_bias_add=False,
+        n_in,
+        n_out,
+        config=parallel_config(config),
+        init_method=_init_method(config, name, _norm_dim(config, 0)),
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
     )
     layer.weight.norm_constraint = _constraint(config, embedding_axis=0, row_parallel=True)
     return layer
@@ -87,7 +98,9 @@ def row_parallel(config: ModelConfig, name: str, n_in: int, n_out: int) -> RowPa
 def vocab_embedding(config: ModelConfig, name: str) -> VocabParallelEmbedding:
     """The ``(V, d)`` table split over TP ranks by vocabulary; one row per token."""
     layer = VocabParallelEmbedding(
-        config.vocab_size, config.hidden_size, init_method=_init_method(config, name, _norm_dim(config, 1)),
+        config.vocab_size,
+        config.hidden_size,
+        init_method=_init_method(config, name, _norm_dim(config, 1)),
         config=parallel_config(config),
     )
     layer.weight.norm_constraint = _constraint(config, embedding_axis=1, row_parallel=False)

@@ -14,6 +14,7 @@ per (``--transformer-impl``, FP8 backend) pair:
 The logits layer (``output``) stays local in every case, as in Megatron: FP8 error there lands
 directly on the softmax over the vocabulary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -49,10 +50,13 @@ class _FP8MatmulMixin(LocalLinearOverride):
         super().__init__(*args, **kwargs)
         self.fp8_scaling = fp8_scaling
 
-    def local_linear(self, input, weight, bias, *, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                     tp_group):
+    def local_linear(
+        self, input, weight, bias, *, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, tp_group
+    ):
         if sequence_parallel or gradient_accumulation_fusion:
-            raise ValueError("--fp8-backend torch supports neither sequence parallelism nor gradient accumulation fusion")
+            raise ValueError(
+                "--fp8-backend torch supports neither sequence parallelism nor gradient accumulation fusion"
+            )
         if allreduce_dgrad:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         out = fp8_linear(input, weight, self.fp8_scaling)
@@ -72,8 +76,11 @@ LOCAL = LinearImpl("local", ColumnParallelLinear, RowParallelLinear)
 
 def _torch_fp8(config: ModelConfig) -> LinearImpl:
     scaling = FP8Scaling.from_format(config.fp8, config.fp8_margin)
-    return LinearImpl("torch_fp8", partial(TorchFP8ColumnParallelLinear, fp8_scaling=scaling),
-                      partial(TorchFP8RowParallelLinear, fp8_scaling=scaling))
+    return LinearImpl(
+        "torch_fp8",
+        partial(TorchFP8ColumnParallelLinear, fp8_scaling=scaling),
+        partial(TorchFP8RowParallelLinear, fp8_scaling=scaling),
+    )
 
 
 def _transformer_engine(config: ModelConfig) -> LinearImpl:
@@ -83,13 +90,17 @@ def _transformer_engine(config: ModelConfig) -> LinearImpl:
 
     def te_config(parallel: ModelParallelConfig) -> TransformerConfig:
         # TE's wrappers read TransformerConfig fields; the layer shapes come from the caller.
-        return TransformerConfig(num_layers=config.num_layers, hidden_size=config.hidden_size,
-                                 num_attention_heads=config.num_attention_heads,
-                                 **{f.name: getattr(parallel, f.name) for f in fields(parallel) if f.init})
+        return TransformerConfig(
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            **{f.name: getattr(parallel, f.name) for f in fields(parallel) if f.init},
+        )
 
     def column(n_in, n_out, *, config, **kwargs):
-        return TEColumnParallelLinear(n_in, n_out, config=te_config(config), skip_bias_add=False, is_expert=False,
-                                      **kwargs)
+        return TEColumnParallelLinear(
+            n_in, n_out, config=te_config(config), skip_bias_add=False, is_expert=False, **kwargs
+        )
 
     def row(n_in, n_out, *, config, **kwargs):
         return TERowParallelLinear(n_in, n_out, config=te_config(config), is_expert=False, **kwargs)

@@ -4,6 +4,7 @@ A scale ``s`` is stored as ``s_hat`` (initialised to ``s_scale``) and used as
 ``s = (s_init / s_scale) * s_hat``: every stored parameter then has a magnitude near its
 ``s_scale``, so Adam's per-parameter step sizes act uniformly on all of them.
 """
+
 from __future__ import annotations
 
 import torch

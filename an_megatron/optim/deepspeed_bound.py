@@ -19,6 +19,7 @@ Usage, once, after ``deepspeed.initialize``::
 The DeepSpeed internals the adapters read (which tensors are the masters, where a parameter's
 fragment lies in them) are accessors of ``an_megatron/compat/deepspeed.py``, read from 0.19.8.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -35,8 +36,10 @@ def _index_of(master: torch.Tensor, tensors: Sequence[torch.Tensor]) -> int:
     for i, t in enumerate(tensors):
         if t is master:
             return i
-    raise RuntimeError("the inner optimizer stepped a tensor that is not one of DeepSpeed's fp32 masters; "
-                       "DeepSpeed's internals changed: re-check an_megatron/compat/deepspeed.py")
+    raise RuntimeError(
+        "the inner optimizer stepped a tensor that is not one of DeepSpeed's fp32 masters; "
+        "DeepSpeed's internals changed: re-check an_megatron/compat/deepspeed.py"
+    )
 
 
 def _one_group(groups: list):
@@ -88,8 +91,11 @@ class _UnfusedMasters(_Masters):
     name = "stage0-unfused"
 
     def fragments(self, masters):
-        lp_of = {id(hp): lp for hps, lps in zip(ds_compat.fp32_masters(self.wrapper), self.lp_groups())
-                 for hp, lp in zip(hps, lps)}
+        lp_of = {
+            id(hp): lp
+            for hps, lps in zip(ds_compat.fp32_masters(self.wrapper), self.lp_groups())
+            for hp, lp in zip(hps, lps)
+        }
         frags = []
         for hp in masters:
             lp = lp_of[id(hp)]
@@ -215,8 +221,9 @@ class NormBound:
     def __call__(self, optimizer, args, kwargs) -> None:
         masters = [t for g in optimizer.param_groups for t in g["params"]]
         frags, dp_group = self.masters.fragments(masters)
-        constrain_fragments_(frags, dp_group=dp_group, tp_group=self.tp_group,
-                             dp_partitioned=self.masters.dp_partitioned)
+        constrain_fragments_(
+            frags, dp_group=dp_group, tp_group=self.tp_group, dp_partitioned=self.masters.dp_partitioned
+        )
 
     def remove(self) -> None:
         for h in self._handles:
@@ -239,8 +246,11 @@ def register_norm_bound(engine, model: torch.nn.Module | None = None, tp_group=N
         raise NotImplementedError("norm bound with ZeRO optimizer offload on NCCL (masters on the CPU)")
     constrained = constrained_parameters(p for p in model.parameters() if p.requires_grad)
     reached = {id(p) for group in masters.lp_groups() for p in group}
-    missing = [name for name, p in model.named_parameters()
-               if p.requires_grad and getattr(p, "norm_constraint", None) is not None and id(p) not in reached]
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and getattr(p, "norm_constraint", None) is not None and id(p) not in reached
+    ]
     if missing:
         raise ValueError(f"norm bound: constrained parameters not updated by the optimizer: {missing}")
     if tp_group is None and any(p.norm_constraint.tp_split for p in constrained):

@@ -17,6 +17,7 @@ Element ``k`` of a row-major ``(R, C)`` matrix belongs to row ``k // C`` (``dim=
 along the input dimension) and column ``k % C`` (``dim=0``); a fragment is handled as at most a
 partial row, a block of whole rows and a partial row, so every pass runs on plain views.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def _pieces(fragment: torch.Tensor, start: int, cols: int):
         pos = head
     whole = (n - pos) // cols
     if whole:
-        yield flat[pos:pos + whole * cols].view(whole, cols), (start + pos) // cols, 0
+        yield flat[pos : pos + whole * cols].view(whole, cols), (start + pos) // cols, 0
         pos += whole * cols
     if pos < n:
         yield flat[pos:], (start + pos) // cols, 0
@@ -80,13 +81,13 @@ def partial_sq_norms(fragment: torch.Tensor, start: int, shape: Sequence[int], d
         sq = piece.float().pow(2)
         if piece.dim() == 2:
             if dim == 1:
-                out[row:row + piece.shape[0]] += sq.sum(1)
+                out[row : row + piece.shape[0]] += sq.sum(1)
             else:
                 out += sq.sum(0)
         elif dim == 1:
             out[row] += sq.sum()
         else:
-            out[col:col + piece.numel()] += sq
+            out[col : col + piece.numel()] += sq
     return out
 
 
@@ -104,11 +105,11 @@ def apply_scales_(fragment: torch.Tensor, start: int, shape: Sequence[int], dim:
     scales = scales.to(fragment.dtype)
     for piece, row, col in _pieces(fragment, start, shape[1]):
         if piece.dim() == 2:
-            piece.mul_(scales[row:row + piece.shape[0], None] if dim == 1 else scales[None, :])
+            piece.mul_(scales[row : row + piece.shape[0], None] if dim == 1 else scales[None, :])
         elif dim == 1:
             piece.mul_(scales[row])
         else:
-            piece.mul_(scales[col:col + piece.numel()])
+            piece.mul_(scales[col : col + piece.numel()])
 
 
 @dataclass

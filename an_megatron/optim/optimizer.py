@@ -1,4 +1,5 @@
 """The optimizer: Adam(W) with weight decay only on matrices (GPT+), none at all for anGPT/nGPT."""
+
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,9 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     """AdamW (Adam when weight decay is 0). A torch optimizer rather than DeepSpeed's CPU fused
     Adam, which compiles for ~45 s on first use; on GPUs torch's fused kernel is used."""
     return torch.optim.AdamW(
-        param_groups(model, args.weight_decay), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_eps, fused=torch.cuda.is_available() or None,
+        param_groups(model, args.weight_decay),
+        lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_eps,
+        fused=torch.cuda.is_available() or None,
     )

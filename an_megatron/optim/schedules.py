@@ -1,5 +1,6 @@
 """Learning-rate schedules, as a pure function of the iteration (so a resumed run needs no
 scheduler state): linear warm-up, then cosine, linear, constant or WSD decay to ``min_lr``."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,16 @@ import math
 DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
 
 
-def learning_rate(iteration: int, *, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
-                  style: str = "cosine", wsd_decay_iters: int | None = None) -> float:
+def learning_rate(
+    iteration: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_iters: int,
+    decay_iters: int,
+    style: str = "cosine",
+    wsd_decay_iters: int | None = None,
+) -> float:
     """The learning rate for (0-based) ``iteration``.
 
     Warm-up ramps linearly over ``warmup_iters`` (the first step uses ``lr / warmup_iters``).

@@ -1,4 +1,5 @@
 """Process groups and the parallel wrappers that turn the model into a distributed one."""
+
 from an_megatron.parallel.groups import (  # noqa: F401
     DeepSpeedMPU,
     deepspeed_topology,

@@ -8,6 +8,7 @@ hand DeepSpeed (``deepspeed_topology``) and megatron-core's groups describe the 
 Everything else asks this module (or megatron-core's ``parallel_state``, which it fills) for
 ranks and groups; nothing else creates process groups.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -31,8 +32,9 @@ def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """What a launcher (``deepspeed``, ``torchrun``) sets for ``rank`` of ``world_size`` local
     processes, and ``initialize_parallel`` reads: for tests, tools and benchmarks that spawn
     their own ranks."""
-    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                LOCAL_RANK=str(rank))
+    return dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
 
 
 def default_backend() -> str:

@@ -26,6 +26,7 @@ Names: ``PipelineModule`` registers layer ``i`` as ``"{i}"``, so its parameters 
 these and ``GPTModel``'s names, ``gpt_name_in_layer`` names what one layer holds (the files a
 pipeline checkpoint stores per layer are read in ``training/checkpointing.py``).
 """
+
 from __future__ import annotations
 
 import re
@@ -170,4 +171,3 @@ def pipeline_param_name(gpt_name: str, num_layers: int) -> str:
     if m is not None and int(m.group(1)) < num_layers:
         return f"{int(m.group(1)) + 1}.{m.group(2)}"
     raise ValueError(f"not a GPTModel parameter name for {num_layers} blocks: {gpt_name!r}")
-

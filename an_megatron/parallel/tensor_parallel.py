@@ -5,6 +5,7 @@ and ``partition_stride``. A stride ``s`` > 1 means the full tensor is ``s`` logi
 stacked along ``partition_dim`` (fused Q/K/V: s=3, fused up/gate: s=2), and each rank holds
 its slice of every part, in order. Replicated parameters are the same on every rank.
 """
+
 from __future__ import annotations
 
 import torch

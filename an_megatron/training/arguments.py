@@ -4,6 +4,7 @@ Per-architecture defaults (``ArchSpec.optimizer``) follow the paper: anGPT and n
 Adam, no weight decay and no warm-up; GPT+ with AdamW, weight decay 0.1 (matrices only) and a
 linear warm-up. A flag given explicitly always wins.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
-    g.add_argument("--lr-warmup-iters", type=int, default=None,
-                   help="default 0 for anGPT/nGPT; for GPT+ 10%% of --train-iters, at most 2000")
+    g.add_argument(
+        "--lr-warmup-iters",
+        type=int,
+        default=None,
+        help="default 0 for anGPT/nGPT; for GPT+ 10%% of --train-iters, at most 2000",
+    )
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
     g.add_argument("--weight-decay", type=float, default=None, help="default 0 for anGPT/nGPT, 0.1 for GPT+")
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
@@ -40,8 +45,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
-    g.add_argument("--max-nonfinite-steps", type=int, default=10,
-                   help="stop after this many consecutive steps with a non-finite loss or gradient")
+    g.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=10,
+        help="stop after this many consecutive steps with a non-finite loss or gradient",
+    )
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -49,21 +58,36 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g = parser.add_argument_group("checkpointing, evaluation and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="save (with --save) and exit when the iteration is a multiple of this")
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="save (with --save) and exit when the iteration is a multiple of this",
+    )
     g.add_argument("--load", default=None)
-    g.add_argument("--no-load-optim", action="store_true",
-                   help="load only the weights from --load (fresh optimizer; needed for converted checkpoints)")
+    g.add_argument(
+        "--no-load-optim",
+        action="store_true",
+        help="load only the weights from --load (fresh optimizer; needed for converted checkpoints)",
+    )
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states saved in --load")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--metrics-file", default=None, help="JSONL: one record per logged iteration and evaluation")
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak per device for MFU (default: known GPUs; none on CPU)")
-    g.add_argument("--generate-tokens", type=int, default=0,
-                   help="after training, print a sample of this many tokens (single pipeline stage only)")
+    g.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak per device for MFU (default: known GPUs; none on CPU)",
+    )
+    g.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=0,
+        help="after training, print a sample of this many tokens (single pipeline stage only)",
+    )
     return parser
 
 
@@ -110,10 +134,15 @@ def reconcile_ds_config(args, ds: dict, world_size: int) -> dict:
     ds = dict(ds)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
-                          f"x --pipeline-model-parallel-size {pp}")
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
+            f"x --pipeline-model-parallel-size {pp}"
+        )
     dp = world_size // (tp * pp)
-    for key, flag in (("optimizer", "--lr/--adam-*/--weight-decay"), ("scheduler", "--lr-decay-style/--lr-warmup-iters")):
+    for key, flag in (
+        ("optimizer", "--lr/--adam-*/--weight-decay"),
+        ("scheduler", "--lr-decay-style/--lr-warmup-iters"),
+    ):
         if key in ds:
             raise ConfigError(f"--deepspeed_config has an '{key}' section; this trainer sets it from {flag}: remove it")
 
@@ -134,16 +163,22 @@ def reconcile_ds_config(args, ds: dict, world_size: int) -> dict:
     if glob is None:
         glob = micro * (accum or 1) * dp
     if glob % (micro * dp):
-        raise ConfigError(f"--global-batch-size {glob} is not divisible by --micro-batch-size {micro} "
-                          f"x data-parallel size {dp}")
+        raise ConfigError(
+            f"--global-batch-size {glob} is not divisible by --micro-batch-size {micro} x data-parallel size {dp}"
+        )
     if accum is not None and accum != glob // (micro * dp):
-        raise ConfigError(f"ds.json gradient_accumulation_steps {accum} disagrees with --global-batch-size {glob} / "
-                          f"(--micro-batch-size {micro} x data-parallel size {dp}) = {glob // (micro * dp)}")
+        raise ConfigError(
+            f"ds.json gradient_accumulation_steps {accum} disagrees with --global-batch-size {glob} / "
+            f"(--micro-batch-size {micro} x data-parallel size {dp}) = {glob // (micro * dp)}"
+        )
     args.micro_batch_size, args.global_batch_size = micro, glob
     args.data_parallel_size = dp
     args.gradient_accumulation_steps = glob // (micro * dp)
-    ds.update(train_batch_size=glob, train_micro_batch_size_per_gpu=micro,
-              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    ds.update(
+        train_batch_size=glob,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
 
     clip = ds.get("gradient_clipping")
     if clip is not None and "--clip-grad" in args.explicit_flags and clip != args.clip_grad:
@@ -157,14 +192,16 @@ def reconcile_ds_config(args, ds: dict, world_size: int) -> dict:
         raise ConfigError("--bf16 disagrees with ds.json bf16.enabled false")
     args.bf16 = args.bf16 or bool(ds_bf16)
     if ds.get("fp16", {}).get("enabled", False):
-        raise ConfigError("ds.json enables fp16: anGPT trains in bf16 or fp32 (use \"bf16\": {\"enabled\": true})")
+        raise ConfigError('ds.json enables fp16: anGPT trains in bf16 or fp32 (use "bf16": {"enabled": true})')
     if args.bf16:
         # DeepSpeed's bf16 paths skip a step with a non-finite gradient only when asked to.
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True, "check_grad_overflow": True}
     zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
     if pp > 1 and zero_stage > 1:
-        raise ConfigError(f"ZeRO stage {zero_stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's pipeline "
-                          f"engine supports ZeRO stage 0 and 1 only")
+        raise ConfigError(
+            f"ZeRO stage {zero_stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's pipeline "
+            f"engine supports ZeRO stage 0 and 1 only"
+        )
     args.zero_stage = zero_stage
     ds.setdefault("steps_per_print", 10**9)  # our own log lines replace DeepSpeed's
     ds.setdefault("wall_clock_breakdown", False)
@@ -197,7 +234,9 @@ def parse_args(argv=None, world_size: int | None = None):
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError(f"--tensorboard-dir {args.tensorboard_dir}: the tensorboard package is not installed "
-                              "(pip install tensorboard)") from None
+            raise ConfigError(
+                f"--tensorboard-dir {args.tensorboard_dir}: the tensorboard package is not installed "
+                "(pip install tensorboard)"
+            ) from None
     ds = reconcile_ds_config(args, load_ds_config(args), world_size)
     return args, ds

@@ -6,6 +6,7 @@ names the newest complete one. The pointer is replaced atomically and only after
 has finished writing, so a crash during a save leaves the previous checkpoint loadable. Under
 pipeline parallelism DeepSpeed writes one file per layer and tensor rank (``layer_file_name``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,15 @@ from an_megatron.model.config import ModelConfig
 LATEST = "latest"  # DeepSpeed's name, so deepspeed's own tools find our checkpoints
 META = "an_megatron.json"
 # Fields that fix the shapes of the weights: a checkpoint can only be loaded when they agree.
-SHAPE_FIELDS = ("arch", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                "alpha_per_dim")
+SHAPE_FIELDS = (
+    "arch",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "alpha_per_dim",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -59,14 +67,22 @@ def _write_atomic(path: str, text: str) -> None:
 
 def save_checkpoint(engine, save_dir: str, iteration: int, consumed_samples: int, config: ModelConfig, args) -> str:
     tag = tag_for(iteration)
-    client_state = dict(iteration=iteration, consumed_samples=consumed_samples, rng=_rng_state(),
-                        model_config=config.to_dict(), args={k: v for k, v in vars(args).items()
-                                                            if isinstance(v, (int, float, str, bool, list, type(None)))})
+    client_state = dict(
+        iteration=iteration,
+        consumed_samples=consumed_samples,
+        rng=_rng_state(),
+        model_config=config.to_dict(),
+        args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+    )
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's files are written before the pointer moves
     if dist.get_rank() == 0:
-        meta = dict(iteration=iteration, consumed_samples=consumed_samples, model_config=config.to_dict(),
-                    pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+        meta = dict(
+            iteration=iteration,
+            consumed_samples=consumed_samples,
+            model_config=config.to_dict(),
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        )
         _write_atomic(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1))
         _write_atomic(os.path.join(save_dir, LATEST), tag)
     dist.barrier()
@@ -90,13 +106,16 @@ def read_checkpoint_meta(load_dir: str) -> tuple[str, dict]:
 
 def check_compatible(meta: dict, config: ModelConfig, load_dir: str) -> None:
     saved = meta["model_config"]
-    diffs = [f"{k}={saved.get(k)} (flags: {getattr(config, k)})" for k in SHAPE_FIELDS if saved.get(k) != getattr(config, k)]
+    diffs = [
+        f"{k}={saved.get(k)} (flags: {getattr(config, k)})" for k in SHAPE_FIELDS if saved.get(k) != getattr(config, k)
+    ]
     if diffs:
         raise CheckpointError(f"--load {load_dir}: checkpoint model differs from the flags: {', '.join(diffs)}")
 
 
-def load_checkpoint(engine, load_dir: str, config: ModelConfig, load_optim: bool = True,
-                    load_rng: bool = True) -> tuple[int, int]:
+def load_checkpoint(
+    engine, load_dir: str, config: ModelConfig, load_optim: bool = True, load_rng: bool = True
+) -> tuple[int, int]:
     """Restore engine (weights, and the optimizer unless ``load_optim`` is False) and our state;
     returns (iteration, consumed_samples). Without the optimizer, DeepSpeed loads the module only
     (``load_module_only``) and ZeRO-1/2 copy the loaded weights into their fp32 masters."""
@@ -107,16 +126,26 @@ def load_checkpoint(engine, load_dir: str, config: ModelConfig, load_optim: bool
     saved = (meta["model_config"].get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
     run = (config.tensor_model_parallel_size, groups.pp_size())
     if saved[0] != run[0] or saved[1] not in (None, run[1]):  # DeepSpeed would fail with a traceback
-        raise CheckpointError(f"--load {load_dir}: {tag} was saved with TP={saved[0]} PP={saved[1]}, this run is "
-                              f"TP={run[0]} PP={run[1]}: convert it with tools/convert_checkpoint.py reshard")
+        raise CheckpointError(
+            f"--load {load_dir}: {tag} was saved with TP={saved[0]} PP={saved[1]}, this run is "
+            f"TP={run[0]} PP={run[1]}: convert it with tools/convert_checkpoint.py reshard"
+        )
     if meta.get("weights_only") and load_optim:
-        raise CheckpointError(f"--load {load_dir}: {tag} holds weights only (written by tools/convert_checkpoint.py): "
-                              f"add --no-load-optim")
+        raise CheckpointError(
+            f"--load {load_dir}: {tag} holds weights only (written by tools/convert_checkpoint.py): add --no-load-optim"
+        )
     if meta.get("weights_only") and engine.zero_optimization_partition_weights():
-        raise CheckpointError(f"--load {load_dir}: {tag} holds weights only, and DeepSpeed loads ZeRO-3 weights from "
-                              f"optimizer files: start from it with ZeRO stage 0-2")
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
-                                                load_lr_scheduler_states=load_optim, load_module_only=not load_optim)
+        raise CheckpointError(
+            f"--load {load_dir}: {tag} holds weights only, and DeepSpeed loads ZeRO-3 weights from "
+            f"optimizer files: start from it with ZeRO stage 0-2"
+        )
+    path, client_state = engine.load_checkpoint(
+        load_dir,
+        tag=tag,
+        load_optimizer_states=load_optim,
+        load_lr_scheduler_states=load_optim,
+        load_module_only=not load_optim,
+    )
     if path is None:
         raise CheckpointError(f"--load {load_dir}: DeepSpeed could not load {tag!r}")
     if load_rng and client_state and "rng" in client_state:

@@ -30,6 +30,7 @@ learning-rate schedule with a fresh optimizer. Limitation: DeepSpeed 0.19.8 rebu
 weights from optimizer files when it loads without optimizer states, so the target run must use
 ZeRO stage 0, 1 or 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,14 @@ def param_metadata(config: ModelConfig) -> dict[str, tuple[tuple, int | None, in
         initialize_parallel(1, 1)
     try:
         model = GPTModel(replace(config, tensor_model_parallel_size=1, num_layers=1))
-        one = {n: (tuple(p.shape), p.partition_dim if is_tp_sharded(p) else None,
-                   p.partition_stride if is_tp_sharded(p) else 1) for n, p in model.named_parameters()}
+        one = {
+            n: (
+                tuple(p.shape),
+                p.partition_dim if is_tp_sharded(p) else None,
+                p.partition_stride if is_tp_sharded(p) else 1,
+            )
+            for n, p in model.named_parameters()
+        }
     finally:
         if started:
             destroy_parallel()
@@ -92,6 +99,7 @@ def param_metadata(config: ModelConfig) -> dict[str, tuple[tuple, int | None, in
 
 # ---- reading a saved checkpoint --------------------------------------------------------------
 
+
 def _load(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: missing")
@@ -101,13 +109,15 @@ def _load(path: str) -> dict:
         raise ConvertError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
 
 
-def _zero_masters(ckpt_dir: str, mp_rank: int, stage: int, dp: int, bf16: bool,
-                  pipelined: bool) -> dict[str, torch.Tensor]:
+def _zero_masters(
+    ckpt_dir: str, mp_rank: int, stage: int, dp: int, bf16: bool, pipelined: bool
+) -> dict[str, torch.Tensor]:
     """One model-parallel rank's fp32 masters, merged over its ``dp`` data-parallel partitions by
     DeepSpeed's own ``zero_to_fp32`` functions (file names as the engine writes them)."""
     mp = f"mp_rank_{mp_rank:02d}"
-    model_files = ([f"zero_pp_rank_{d}_{mp}_model_states.pt" for d in range(dp)] if stage == 3
-                   else [f"{mp}_model_states.pt"])
+    model_files = (
+        [f"zero_pp_rank_{d}_{mp}_model_states.pt" for d in range(dp)] if stage == 3 else [f"{mp}_model_states.pt"]
+    )
     optim_files = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{d}_{mp}_optim_states.pt" for d in range(dp)]
     model_files, optim_files = ([os.path.join(ckpt_dir, f) for f in files] for files in (model_files, optim_files))
     for f in model_files + optim_files:
@@ -130,8 +140,11 @@ def _module_weights(ckpt_dir: str, mp_rank: int, tp_rank: int, pipelined: bool, 
     if pipelined:
         for i in range(num_layers + 2):
             _load_exists(os.path.join(ckpt_dir, layer_file_name(i, tp_rank)))
-        return {k: v.float() for k, v in gpt_state_dict_from_layer_files(ckpt_dir, num_layers, tp_rank).items()
-                if isinstance(v, torch.Tensor)}
+        return {
+            k: v.float()
+            for k, v in gpt_state_dict_from_layer_files(ckpt_dir, num_layers, tp_rank).items()
+            if isinstance(v, torch.Tensor)
+        }
     path = os.path.join(ckpt_dir, f"mp_rank_{mp_rank:02d}_model_states.pt")
     module = _load(path).get("module")
     if not isinstance(module, dict):
@@ -148,8 +161,9 @@ def _ds_state_file(ckpt_dir: str) -> str:
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if os.path.isfile(os.path.join(ckpt_dir, name)):
             return os.path.join(ckpt_dir, name)
-    raise ConvertError(f"{os.path.join(ckpt_dir, 'mp_rank_00_model_states.pt')}: missing (no DeepSpeed model "
-                       f"states in {ckpt_dir})")
+    raise ConvertError(
+        f"{os.path.join(ckpt_dir, 'mp_rank_00_model_states.pt')}: missing (no DeepSpeed model states in {ckpt_dir})"
+    )
 
 
 def consolidate(load_dir: str, tag: str | None = None) -> dict:
@@ -201,25 +215,38 @@ def consolidate(load_dir: str, tag: str | None = None) -> dict:
     for name, (shape, dim, stride) in param_metadata(config).items():
         got = shards.get(name)
         if not got or sorted(got) != list(range(tp)):
-            raise ConvertError(f"{ckpt_dir}: parameter {name} missing for tensor ranks "
-                               f"{sorted(set(range(tp)) - set(got or {}))}")
+            raise ConvertError(
+                f"{ckpt_dir}: parameter {name} missing for tensor ranks {sorted(set(range(tp)) - set(got or {}))}"
+            )
         full = merge_tp_shards([got[r] for r in range(tp)], dim, stride) if dim is not None else got[0]
         if tuple(full.shape) != shape:
-            raise ConvertError(f"{ckpt_dir}: parameter {name} has shape {tuple(full.shape)}, the config "
-                               f"says {shape}")
+            raise ConvertError(f"{ckpt_dir}: parameter {name} has shape {tuple(full.shape)}, the config says {shape}")
         model[name] = full.contiguous()
-    return dict(format=FORMAT, model=model, config=replace(config, tensor_model_parallel_size=1).to_dict(),
-                iteration=meta["iteration"], consumed_samples=meta.get("consumed_samples", 0),
-                source=dict(path=ckpt_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                            data_parallel_size=dp, zero_stage=stage, bf16=bf16))
+    return dict(
+        format=FORMAT,
+        model=model,
+        config=replace(config, tensor_model_parallel_size=1).to_dict(),
+        iteration=meta["iteration"],
+        consumed_samples=meta.get("consumed_samples", 0),
+        source=dict(
+            path=ckpt_dir,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            data_parallel_size=dp,
+            zero_stage=stage,
+            bf16=bf16,
+        ),
+    )
 
 
 def load_consolidated(path: str) -> dict:
     """A file written by ``consolidate`` + ``torch.save``; one-line errors naming the file."""
     obj = _load(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not {"model", "config"} <= obj.keys():
-        raise ConvertError(f"{path}: not a consolidated checkpoint (expected a file written by "
-                           f"tools/convert_checkpoint.py consolidate)")
+        raise ConvertError(
+            f"{path}: not a consolidated checkpoint (expected a file written by "
+            f"tools/convert_checkpoint.py consolidate)"
+        )
     return obj
 
 
@@ -237,8 +264,10 @@ def load_into_model(path: str):
     model = GPTModel(ModelConfig(**obj["config"]))
     params = dict(model.named_parameters())
     if params.keys() != obj["model"].keys():
-        raise ConvertError(f"{path}: parameters differ from the model its config builds: "
-                           f"{sorted(params.keys() ^ obj['model'].keys())[:4]}")
+        raise ConvertError(
+            f"{path}: parameters differ from the model its config builds: "
+            f"{sorted(params.keys() ^ obj['model'].keys())[:4]}"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(obj["model"][name])
@@ -246,6 +275,7 @@ def load_into_model(path: str):
 
 
 # ---- writing another layout ------------------------------------------------------------------
+
 
 def _write_rank(rank: int, world: int, port: int, src: str, out_dir: str, tp: int, pp: int, tag: str):
     """One process of the target layout: build the model, copy its shards in, let DeepSpeed save."""
@@ -276,18 +306,28 @@ def _write_rank(rank: int, world: int, port: int, src: str, out_dir: str, tp: in
                 if is_tp_sharded(p):
                     full = shard_tp_tensor(full, p.partition_dim, p.partition_stride, groups.tp_rank(), tp)
                 p.copy_(full)
-        ds_config = dict(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=1,
-                         zero_optimization=dict(stage=0), steps_per_print=10**9)
-        engine, *_ = deepspeed.initialize(model=module, config=ds_config,
-                                          mpu=None if pp > 1 else groups.DeepSpeedMPU)
-        client = dict(iteration=obj["iteration"], consumed_samples=obj["consumed_samples"],
-                      model_config=config.to_dict())
+        ds_config = dict(
+            train_micro_batch_size_per_gpu=1,
+            gradient_accumulation_steps=1,
+            train_batch_size=1,
+            zero_optimization=dict(stage=0),
+            steps_per_print=10**9,
+        )
+        engine, *_ = deepspeed.initialize(model=module, config=ds_config, mpu=None if pp > 1 else groups.DeepSpeedMPU)
+        client = dict(
+            iteration=obj["iteration"], consumed_samples=obj["consumed_samples"], model_config=config.to_dict()
+        )
         engine.save_checkpoint(out_dir, tag=tag, client_state=client, save_latest=False)
         dist.barrier()
         if rank == 0:
-            meta = dict(iteration=obj["iteration"], consumed_samples=obj["consumed_samples"],
-                        model_config=config.to_dict(), pipeline_model_parallel_size=pp, **{WEIGHTS_ONLY: True},
-                        converted_from=obj.get("source"))
+            meta = dict(
+                iteration=obj["iteration"],
+                consumed_samples=obj["consumed_samples"],
+                model_config=config.to_dict(),
+                pipeline_model_parallel_size=pp,
+                **{WEIGHTS_ONLY: True},
+                converted_from=obj.get("source"),
+            )
             _write_atomic(os.path.join(out_dir, tag, META), json.dumps(meta, indent=1))
             _write_atomic(os.path.join(out_dir, LATEST), tag)
         dist.barrier()
@@ -309,12 +349,18 @@ def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int) -> str:
     except ValueError as e:
         raise ConvertError(f"--target-tensor-model-parallel-size {tp}: {e}") from None
     if pp < 1 or pp > config.num_layers:
-        raise ConvertError(f"--target-pipeline-model-parallel-size {pp}: must be 1..{config.num_layers} "
-                           f"(one block per stage at least)")
+        raise ConvertError(
+            f"--target-pipeline-model-parallel-size {pp}: must be 1..{config.num_layers} (one block per stage at least)"
+        )
     tag = tag_for(obj["iteration"])
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, tag)):
         raise ConvertError(f"{os.path.join(out_dir, tag)}: already exists; choose an empty --save directory")
-    mp.start_processes(_write_rank, args=(tp * pp, free_port(), os.path.abspath(consolidated_path), out_dir, tp, pp, tag),
-                       nprocs=tp * pp, join=True, start_method="spawn")
+    mp.start_processes(
+        _write_rank,
+        args=(tp * pp, free_port(), os.path.abspath(consolidated_path), out_dir, tp, pp, tag),
+        nprocs=tp * pp,
+        join=True,
+        start_method="spawn",
+    )
     return os.path.join(out_dir, tag)

@@ -1,4 +1,5 @@
 """Sampling text from a trained model (the demo's last step)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,16 @@ from an_megatron.parallel.tensor_parallel import gather_tp_tensor
 
 
 @torch.no_grad()
-def sample(model, prompt_ids: list[int], max_new_tokens: int, seq_length: int, vocab_size: int,
-           temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> list[int]:
+def sample(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    seq_length: int,
+    vocab_size: int,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+) -> list[int]:
     """Top-k sampling; every tensor-parallel rank draws the same tokens (same seed)."""
     gen = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)

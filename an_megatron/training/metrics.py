@@ -1,5 +1,6 @@
 """What a training run reports: FLOPs and MFU, norms across shards, the Megatron console line,
 the JSONL metrics file and TensorBoard scalars."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,18 @@ from an_megatron.model.config import ModelConfig
 from an_megatron.parallel.tensor_parallel import is_tp_sharded
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, without sparsity), by device-name substring.
-KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0,
-                     "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
+KNOWN_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "V100": 125.0,
+}
 
 
 def flops_per_token(config: ModelConfig) -> float:
@@ -67,6 +78,7 @@ def global_norm(params, grads: bool, tp_group, pp_group=None, dp_group=None) -> 
 
 def console_line(r: dict) -> str:
     """Megatron's log line."""
+
     def num(key, fmt):
         return "nan" if r.get(key) is None else format(r[key], fmt)
 
@@ -84,8 +96,10 @@ def console_line(r: dict) -> str:
     ]
     if r.get("mfu") is not None:
         parts.append(f"MFU: {r['mfu'] * 100:.1f}%")
-    parts += [f"number of skipped iterations: {r['skipped_iterations']:3d}",
-              f"number of nan iterations: {r['nan_iterations']:3d}"]
+    parts += [
+        f"number of skipped iterations: {r['skipped_iterations']:3d}",
+        f"number of nan iterations: {r['nan_iterations']:3d}",
+    ]
     return " | ".join(parts) + " |"
 
 

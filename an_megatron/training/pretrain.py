@@ -4,6 +4,7 @@
 ``torchrun``. It knows nothing of the model's math: it builds ``GPTModel`` (or its pipeline
 form), hands it to DeepSpeed with the norm bound hooked into the optimizer step, and loops.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,9 @@ class Trainer:
             model = GPTModel(self.config)
         model.to(self.device)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, args), config=ds_config,
+            model=model,
+            optimizer=build_optimizer(model, args),
+            config=ds_config,
             mpu=None if self.pipelined else groups.DeepSpeedMPU,
         )
         self.model = model
@@ -70,7 +73,8 @@ class Trainer:
         self.iteration, self.consumed_samples = 0, 0
         if args.load:
             self.iteration, self.consumed_samples = load_checkpoint(
-                self.engine, args.load, self.config, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
+                self.engine, args.load, self.config, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng
+            )
             print_rank0(f"loaded checkpoint from {args.load} at iteration {self.iteration}")
         self._build_data()
         is_logger = dist.get_rank() == dist.get_world_size() - 1 if self.pipelined else dist.get_rank() == 0
@@ -88,13 +92,17 @@ class Trainer:
 
         a = self.args
         evals = a.train_iters // a.eval_interval + 1 if a.eval_interval else 0
-        num_samples = [a.train_iters * a.global_batch_size, evals * a.eval_iters * a.global_batch_size,
-                       a.eval_iters * a.global_batch_size]
+        num_samples = [
+            a.train_iters * a.global_batch_size,
+            evals * a.eval_iters * a.global_batch_size,
+            a.eval_iters * a.global_batch_size,
+        ]
         train, valid, _ = build_train_valid_test_datasets(a, self.tokenizer, num_samples)
         self.eod = resolve_eod(a, self.tokenizer)  # the corpus's own end of document (documents masks)
         dp_rank, dp = groups.dp_rank(), groups.dp_size()
-        self.train_loader = build_data_loader(train, self.consumed_samples, a.micro_batch_size, dp_rank, dp,
-                                              a.num_workers)
+        self.train_loader = build_data_loader(
+            train, self.consumed_samples, a.micro_batch_size, dp_rank, dp, a.num_workers
+        )
         self.valid_dataset = valid
         self.train_iter = iter(self.train_loader)
         self.valid_consumed = 0
@@ -105,7 +113,9 @@ class Trainer:
         from an_megatron.data import document_ids
 
         a = self.args
-        batch = {k: batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = {
+            k: batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
+        }
         if a.reset_attention_mask:
             batch["document_ids"] = document_ids(batch["tokens"], self.eod)
         if not a.reset_position_ids:
@@ -114,14 +124,26 @@ class Trainer:
 
     def _forward(self, batch) -> torch.Tensor:
         with fp8_autocast(self.config):
-            return self.engine(batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids"),
-                               batch.get("document_ids"))
+            return self.engine(
+                batch["tokens"],
+                batch["labels"],
+                batch["loss_mask"],
+                batch.get("position_ids"),
+                batch.get("document_ids"),
+            )
 
     # ---- one step --------------------------------------------------------------------------
     def _set_lr(self, iteration):
         a = self.args
-        lr = learning_rate(iteration, lr=a.lr, min_lr=a.min_lr, warmup_iters=a.lr_warmup_iters,
-                           decay_iters=a.lr_decay_iters, style=a.lr_decay_style, wsd_decay_iters=a.lr_wsd_decay_iters)
+        lr = learning_rate(
+            iteration,
+            lr=a.lr,
+            min_lr=a.min_lr,
+            warmup_iters=a.lr_warmup_iters,
+            decay_iters=a.lr_decay_iters,
+            style=a.lr_decay_style,
+            wsd_decay_iters=a.lr_wsd_decay_iters,
+        )
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -177,8 +199,9 @@ class Trainer:
         from an_megatron.data import build_data_loader
 
         a = self.args
-        loader = build_data_loader(self.valid_dataset, self.valid_consumed, a.micro_batch_size, groups.dp_rank(),
-                                   groups.dp_size(), 0)
+        loader = build_data_loader(
+            self.valid_dataset, self.valid_consumed, a.micro_batch_size, groups.dp_rank(), groups.dp_size(), 0
+        )
         it = iter(loader)
         losses = []
         self.engine.eval()
@@ -196,8 +219,9 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def save(self):
         if self.args.save and self.last_saved != self.iteration:
-            tag = save_checkpoint(self.engine, self.args.save, self.iteration, self.consumed_samples, self.config,
-                                  self.args)
+            tag = save_checkpoint(
+                self.engine, self.args.save, self.iteration, self.consumed_samples, self.config, self.args
+            )
             self.last_saved = self.iteration
             print_rank0(f"saved checkpoint {os.path.join(self.args.save, tag)}")
 
@@ -208,10 +232,12 @@ class Trainer:
 
     def train(self):
         a = self.args
-        print_rank0(f"training {a.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
-                    f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} DP={a.data_parallel_size} "
-                    f"ZeRO-{a.zero_stage} {'bf16' if a.bf16 else 'fp32'}, global batch {a.global_batch_size} "
-                    f"(micro {a.micro_batch_size} x accumulation {a.gradient_accumulation_steps} x DP)")
+        print_rank0(
+            f"training {a.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
+            f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} DP={a.data_parallel_size} "
+            f"ZeRO-{a.zero_stage} {'bf16' if a.bf16 else 'fp32'}, global batch {a.global_batch_size} "
+            f"(micro {a.micro_batch_size} x accumulation {a.gradient_accumulation_steps} x DP)"
+        )
         window = dict(losses=[], start=time.perf_counter(), iters=0)
         while self.iteration < a.train_iters:
             lr = self._set_lr(self.iteration)
@@ -239,7 +265,8 @@ class Trainer:
                 last = "none saved" if self.last_saved is None else os.path.join(a.save, tag_for(self.last_saved))
                 raise TrainingError(
                     f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (up to iteration "
-                    f"{self.iteration}); stopping. Last good checkpoint: {last}")
+                    f"{self.iteration}); stopping. Last good checkpoint: {last}"
+                )
             if a.eval_interval and (self.iteration % a.eval_interval == 0 or self.iteration == a.train_iters):
                 t_eval = time.perf_counter()
                 self._log_eval()
@@ -256,14 +283,21 @@ class Trainer:
         step_time = elapsed / max(1, window["iters"])
         tflops = self.flops_per_iteration / step_time / 1e12 / dist.get_world_size()
         record = dict(
-            iteration=self.iteration, train_iters=a.train_iters, consumed_samples=self.consumed_samples,
-            consumed_tokens=self.consumed_samples * a.seq_length, global_batch_size=a.global_batch_size,
+            iteration=self.iteration,
+            train_iters=a.train_iters,
+            consumed_samples=self.consumed_samples,
+            consumed_tokens=self.consumed_samples * a.seq_length,
+            global_batch_size=a.global_batch_size,
             lm_loss=sum(window["losses"]) / len(window["losses"]) if window["losses"] else None,
-            lr=lr, grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
-            params_norm=self.params_norm(), step_time_s=step_time,
-            tokens_per_sec=self.tokens_per_iteration / step_time, tflops_per_device=tflops,
+            lr=lr,
+            grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
+            params_norm=self.params_norm(),
+            step_time_s=step_time,
+            tokens_per_sec=self.tokens_per_iteration / step_time,
+            tflops_per_device=tflops,
             mfu=tflops / self.peak if self.peak else None,
-            skipped_iterations=self.skipped, nan_iterations=self.nan_iterations,
+            skipped_iterations=self.skipped,
+            nan_iterations=self.nan_iterations,
         )
         if self.is_logger:
             print(console_line(record), flush=True)
@@ -273,16 +307,24 @@ class Trainer:
         a = self.args
         if self.valid_dataset is None or a.eval_iters <= 0:
             if not getattr(self, "_eval_skip_noted", False):  # one line, at the first evaluation point
-                why = (f"--eval-iters {a.eval_iters}" if a.eval_iters <= 0 else
-                       f"no validation data (--split {a.split})" if not a.mock_data else "no validation data")
+                why = (
+                    f"--eval-iters {a.eval_iters}"
+                    if a.eval_iters <= 0
+                    else f"no validation data (--split {a.split})"
+                    if not a.mock_data
+                    else "no validation data"
+                )
                 print_rank0(f"evaluation skipped: {why}")
                 self._eval_skip_noted = True
             return
         val_loss = self.evaluate()
         if self.is_logger:
             ppl = math.exp(min(val_loss, 30.0))
-            print(f" validation loss at iteration {self.iteration} | lm loss value: {val_loss:.6E} | "
-                  f"lm loss PPL: {ppl:.6E} |", flush=True)
+            print(
+                f" validation loss at iteration {self.iteration} | lm loss value: {val_loss:.6E} | "
+                f"lm loss PPL: {ppl:.6E} |",
+                flush=True,
+            )
             self.sink.write(dict(iteration=self.iteration, val_loss=val_loss, val_ppl=ppl))
 
     def generate_sample(self, num_tokens: int, prompt: str = "In the beginning"):
@@ -293,8 +335,9 @@ class Trainer:
             return
         # NullTokenizer has no text: start from an end-of-document token instead.
         ids = [self.tokenizer.eod] if self.args.tokenizer_type == "NullTokenizer" else self.tokenizer.tokenize(prompt)
-        out = sample(self.engine.module, ids, num_tokens, self.config.seq_length, self.tokenizer.vocab_size,
-                     seed=self.args.seed)
+        out = sample(
+            self.engine.module, ids, num_tokens, self.config.seq_length, self.tokenizer.vocab_size, seed=self.args.seed
+        )
         print_rank0(f"\n--- sample ---\n{self.tokenizer.detokenize(out)}\n--------------")
 
 

