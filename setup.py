@@ -24,7 +24,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib", "psutil"],
+        # ruff pinned: its formatter's output changes between releases, and CI checks it
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib", "psutil", "ruff==0.17.6"],
         # Transformer Engine needs CUDA and a matching toolkit; it is imported lazily and
         # only when FP8 is asked for.
         "fp8": ["transformer-engine[pytorch]"],

@@ -128,7 +128,8 @@ def main():
         f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
         f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
         f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}, "
-        f"median of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); torch {torch.__version__}, "
+        f"median of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}"
     )

@@ -102,7 +102,7 @@ def make_gpt2_files(directory) -> tuple:
     with open(vocab_path, "w", encoding="utf-8") as out:
         json.dump(vocab, out, ensure_ascii=False)
     with open(merges_path, "w", encoding="utf-8") as out:
-        out.write("#version: 0.2\n" + "".join(f"{l} {r}\n" for l, r in merges))
+        out.write("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges))
     return vocab_path, merges_path
 
 

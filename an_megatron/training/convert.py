@@ -6,8 +6,9 @@ dict (TP=1), "iteration", "consumed_samples", "source"}``. Where ZeRO keeps fp32
 1-3) they are the weights: in bf16 the module copies are rounded. DeepSpeed's own reader
 (``zero_to_fp32``) merges the data-parallel partitions, but it globs every ``*_optim_states.pt``
 of the directory and so handles one model-parallel rank only; we call the functions it builds on
-(``an_megatron/compat/deepspeed.py``) once per model-parallel rank (``mp_rank_XX``: pipeline stage x tensor rank; a pipeline's model
-states hold no ``module``, so we describe them to it ourselves). Stage 0 takes the module's weights
+(``an_megatron/compat/deepspeed.py``) once per model-parallel rank (``mp_rank_XX``: pipeline
+stage x tensor rank; a pipeline's model states hold no ``module``, so we describe them to it
+ourselves). Stage 0 takes the module's weights
 (``mp_rank_XX_model_states.pt``, or the pipeline's layer files): exact in fp32; in bf16 they are
 the rounded copies (the stage-0 bf16 optimizer's masters are stored without names).
 Tensor-parallel shards are merged with ``merge_tp_shards``; which parameters are split, along
