@@ -30,11 +30,26 @@ def _worker(rank, world_size, port, fn, args, out_dir):
         destroy_parallel()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
+class _PortTaken(Exception):
+    pass
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 240.0, attempts: int = 3):
     """Call ``fn(*args)`` on ``world_size`` spawned ranks; return the list of their results.
 
-    ``fn`` must be a module-level function; it calls ``initialize_parallel`` itself.
+    ``fn`` must be a module-level function; it calls ``initialize_parallel`` itself. The port
+    is free when chosen but another process can take it before rank 0 listens on it: then the
+    world is started again on a new port.
     """
+    for attempt in range(attempts):
+        try:
+            return _run_once(fn, world_size, args, timeout)
+        except _PortTaken:
+            if attempt == attempts - 1:
+                raise AssertionError(f"no free port for the rendezvous after {attempts} attempts") from None
+
+
+def _run_once(fn, world_size: int, args, timeout: float):
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker,
@@ -51,6 +66,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
                     raise TimeoutError(f"distributed test did not finish within {timeout:.0f} s")
         except mp.ProcessRaisedException as e:
             errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+            if any("EADDRINUSE" in err for err in errs):
+                raise _PortTaken from None
             raise AssertionError("a rank failed:\n" + ("\n".join(errs) or str(e))) from None
         finally:
             for p in ctx.processes:
