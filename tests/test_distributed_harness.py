@@ -2,10 +2,9 @@
 
 import socket
 
+import distributed
 import pytest
 import torch
-
-import distributed
 
 
 def _rank():
