@@ -60,10 +60,10 @@ class Attention(nn.Module):
 
     anGPT's constant factors are folded so they cost one elementwise pass, not four: ``nu_qkv``
     on q and k is undone by the exact QK-norm that follows, and on v it is a constant through
-    the (linear) attention average and ``W_o``, as are ``nu_o`` and the dense ``nu_att(t)``
-    (the same for every head); so all of them become one per-position factor on the output.
-    The exact ``nu_att`` differs per head and multiplies the heads before ``W_o``.
-    The taps record the quantities of ANGPT.md with their factors (for measure_norms).
+    the (linear) attention average and ``W_o``, as is ``nu_o``; so both join ``nu_att`` (per
+    query position, and per head for ``gaussian`` and ``exact``) in one multiplication of the
+    head outputs before ``W_o``. The taps record the quantities of ANGPT.md with their factors
+    (for measure_norms).
 
     ``document_ids`` ``(b, s)``: a query sees only keys of its own document (and ``t``, the
     number of keys it sees, restarts there); ``position_ids`` ``(b, s)``: RoPE's positions.
