@@ -9,7 +9,8 @@ from an_megatron.data.tokenizers import TOKENIZER_TYPES
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add data and tokenizer flags. Sequence length, seed, batch sizes and parallel sizes are
-    defined by the training arguments; the data functions read them from the same namespace."""
+    defined by the training arguments. The data functions take a `DataConfig`
+    (`DataConfig.from_namespace(args)` builds one from these flags)."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data-path",

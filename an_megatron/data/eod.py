@@ -8,7 +8,7 @@ by --reset-attention-mask, --reset-position-ids and --eod-mask-loss.
 
 So by default (--eod-token auto) the id is read from the data: for each --data-path prefix, the
 last tokens of up to SAMPLE_DOCUMENTS documents decide between the tokenizer's `eod_candidates`.
-`resolve_eod(args, tokenizer)` gives the id; build_train_valid_test_datasets hands it to
+`resolve_eod(config, tokenizer)` gives the id; build_train_valid_test_datasets hands it to
 megatron-core's GPTDataset, and the training loop should use the same function.
 """
 
@@ -28,28 +28,31 @@ DOCUMENT_FLAGS = ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
 _RESOLVED: dict = {}  # one scan (and one message) per process for the same data and tokenizer
 
 
-def resolve_eod(args, tokenizer) -> int:
-    """The end-of-document id for the data of `args` (from add_data_args) and `tokenizer`.
+def resolve_eod(config, tokenizer) -> int:
+    """The end-of-document id for the data of `config` (a `DataConfig`; an argparse Namespace
+    from add_data_args is converted) and `tokenizer`.
 
-    args.eod_token: "auto" (default, also when missing) detects it from the --data-path prefixes;
+    config.eod_token: "auto" (default) detects it from the --data-path prefixes;
     an integer is taken as an id, anything else as a token of the tokenizer (e.g. </s>).
     Raises DataError (one line) for a bad --eod-token, for blend prefixes whose documents end
     with different tokens, and for documents without an EOD when document masking or
     --eod-mask-loss is on. Prints a line on rank 0 when the EOD is not the tokenizer's default.
     """
-    return _resolve(args, tokenizer, validate=True)
+    from an_megatron.data.config import DataConfig
+
+    return _resolve(DataConfig.from_namespace(config), tokenizer, validate=True)
 
 
-def _resolve(args, tokenizer, validate: bool) -> int:
-    override = getattr(args, "eod_token", None) or "auto"
+def _resolve(config, tokenizer, validate: bool) -> int:
+    override = config.eod_token or "auto"
     if override != "auto":
         return parse_eod_token(override, tokenizer)
-    if getattr(args, "mock_data", False) or not getattr(args, "data_path", None):
+    if config.mock_data or not config.data_path:
         return tokenizer.eod
     from an_megatron.data.datasets import parse_data_path
 
-    prefixes, _ = parse_data_path(args.data_path)
-    flags = tuple(name for name in DOCUMENT_FLAGS if getattr(args, name, False))
+    prefixes, _ = parse_data_path(config.data_path)
+    flags = tuple(name for name in DOCUMENT_FLAGS if getattr(config, name))
     candidates = tuple(getattr(tokenizer, "eod_candidates", (tokenizer.eod,)))
     key = (tuple(os.path.abspath(p) for p in prefixes), tokenizer.eod, candidates, flags)
     if key not in _RESOLVED:

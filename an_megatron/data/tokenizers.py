@@ -366,29 +366,30 @@ def _require_file(flag: str, path) -> str:
     return path
 
 
-def build_tokenizer(args):
-    """Build the tokenizer named by args.tokenizer_type and set args.padded_vocab_size.
+def build_tokenizer(config):
+    """Build the tokenizer named by `config.tokenizer_type`.
 
-    `args` uses Megatron's attribute names: tokenizer_type, tokenizer_model, vocab_file,
-    merge_file, vocab_size, make_vocab_size_divisible_by (default 128) and
-    tensor_model_parallel_size (default 1); missing attributes take their defaults.
+    `config` is a `DataConfig` (an argparse Namespace with Megatron's attribute names is
+    converted by `DataConfig.from_namespace`). The padded vocabulary the model holds is
+    `config.padded_vocab_size(tokenizer.vocab_size)`.
     """
-    kind = getattr(args, "tokenizer_type", None)
+    from an_megatron.data.config import DataConfig
+
+    c = DataConfig.from_namespace(config)
+    kind = c.tokenizer_type
     if kind == "SentencePieceTokenizer":
-        tokenizer = SentencePieceTokenizer(_require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
+        tokenizer = SentencePieceTokenizer(_require_file("--tokenizer-model", c.tokenizer_model))
     elif kind == "GPTSentencePieceTokenizer":
-        tokenizer = GPTSentencePieceTokenizer(
-            _require_file("--tokenizer-model", getattr(args, "tokenizer_model", None))
-        )
+        tokenizer = GPTSentencePieceTokenizer(_require_file("--tokenizer-model", c.tokenizer_model))
     elif kind == "HuggingFaceTokenizer":
-        tokenizer = HuggingFaceTokenizer(_require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
+        tokenizer = HuggingFaceTokenizer(_require_file("--tokenizer-model", c.tokenizer_model))
     elif kind == "GPT2BPETokenizer":
         tokenizer = GPT2BPETokenizer(
-            _require_file("--vocab-file", getattr(args, "vocab_file", None)),
-            _require_file("--merge-file", getattr(args, "merge_file", None)),
+            _require_file("--vocab-file", c.vocab_file),
+            _require_file("--merge-file", c.merge_file),
         )
     elif kind == "NullTokenizer":
-        vocab_size = getattr(args, "vocab_size", None)
+        vocab_size = c.vocab_size
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise DataError(f"--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1), got {vocab_size!r}")
         tokenizer = NullTokenizer(vocab_size)
@@ -396,9 +397,4 @@ def build_tokenizer(args):
         raise DataError(f"--tokenizer-type is required (one of {', '.join(TOKENIZER_TYPES)})")
     else:
         raise DataError(f"--tokenizer-type {kind}: unknown (one of {', '.join(TOKENIZER_TYPES)})")
-    args.padded_vocab_size = pad_vocab_size(
-        tokenizer.vocab_size,
-        getattr(args, "make_vocab_size_divisible_by", None) or 128,
-        getattr(args, "tensor_model_parallel_size", None) or 1,
-    )
     return tokenizer
