@@ -7,6 +7,10 @@ import pytest
 from test_data_support import make_gpt2_files, make_hf_tokenizer_json, train_tiny_sentencepiece
 
 from an_megatron.data import DataConfig, DataError, build_tokenizer, pad_vocab_size
+from an_megatron.data.arguments import data_error_message
+
+FIELD_OF = {"tokenizer-model": "tokenizer_model", "vocab-file": "vocab_file", "tokenizer-type": "tokenizer_type"}
+FIELD_OF["needs"] = "vocab_size"  # "... needs --vocab-size"
 
 TEXT = "In the beginning God created the heaven and the earth.\nAnd the earth was without form."
 
@@ -133,6 +137,9 @@ def test_null_tokenizer():
     ],
 )
 def test_tokenizer_errors_name_flag_and_path(args, message):
+    """The data code names the field (tokenizer_model); the command line shows the flag."""
     with pytest.raises(DataError) as error:
         build_tokenizer(Namespace(**args))
-    assert message in str(error.value) and "\n" not in str(error.value)
+    shown = data_error_message(error.value)
+    assert message in shown and "\n" not in shown
+    assert "--" not in str(error.value) and FIELD_OF[message.split()[0].removeprefix("--")] in str(error.value)

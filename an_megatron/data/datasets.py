@@ -18,7 +18,7 @@ import numpy
 
 from an_megatron.data.config import DataConfig
 from an_megatron.data.eod import _resolve as _resolve_eod
-from an_megatron.data.errors import DataError
+from an_megatron.data.errors import DataError, DataFieldError
 from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
 from an_megatron.data.tokenizers import TokenizerWithEod
 from megatron_patches.blended_dataset_rank import single_process_rank_zero
@@ -32,7 +32,7 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     read by megatron-core's `get_blend_from_list`. A list it would misread (a weight without a
     prefix, a number where a prefix belongs) or weights that cannot blend are refused here."""
     if not data_path:
-        raise DataError("--data-path is required (or --mock-data for synthetic tokens)")
+        raise DataFieldError("{data_path} is required (or {mock_data} for synthetic tokens)", "data_path", "mock_data")
 
     def is_weight(text):
         try:
@@ -43,13 +43,16 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
 
     weighted = [is_weight(item) for item in data_path]
     if any(weighted) and (len(data_path) % 2 or not all(weighted[0::2]) or any(weighted[1::2])):
-        raise DataError(
-            f"--data-path {' '.join(data_path)}: expected one or more prefixes, or "
-            f"pairs 'weight prefix weight prefix ...'"
+        raise DataFieldError(
+            "{data_path} {value}: expected one or more prefixes, or pairs 'weight prefix weight prefix ...'",
+            "data_path",
+            value=" ".join(data_path),
         )
     prefixes, weights = import_megatron_core("megatron.core.datasets.utils").get_blend_from_list(list(data_path))
     if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise DataError(f"--data-path weights {weights}: must be >= 0 with a positive sum")
+        raise DataFieldError(
+            "{data_path} weights {weights}: must be >= 0 with a positive sum", "data_path", weights=weights
+        )
     return prefixes, weights
 
 
@@ -145,7 +148,12 @@ def _drop_or_refuse_empty_splits(config, infos, split: str) -> None:
         if name == "test":
             config.split_matrix[i] = None
             continue
-        raise DataError(
-            f"--split {split}: the {name} split of {empty[0].prefix} gets none of its "
-            f"{empty[0].num_documents} documents; give it a larger share (or 0 for none)"
+        raise DataFieldError(
+            "{split} {value}: the {name} split of {prefix} gets none of its {count} documents; "
+            "give it a larger share (or 0 for none)",
+            "split",
+            value=split,
+            name=name,
+            prefix=empty[0].prefix,
+            count=empty[0].num_documents,
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from an_megatron.data.errors import DataError
+from an_megatron.data.errors import DataFieldError
 
 SAMPLE_DOCUMENTS = 1000
 # A candidate ending at least this share of the sampled documents is the EOD. With --append-eod
@@ -68,12 +68,16 @@ def parse_eod_token(value: str, tokenizer) -> int:
         lookup = getattr(tokenizer, "token_to_id", None)
         token_id = lookup(value) if lookup else None
         if token_id is None:
-            raise DataError(
-                f"--eod-token {value}: not a token of the tokenizer (give a token "
-                f"such as </s> or <EOD>, an id, or auto)"
+            raise DataFieldError(
+                "{eod_token} {value}: not a token of the tokenizer "
+                "(give a token such as </s> or <EOD>, an id, or auto)",
+                "eod_token",
+                value=value,
             ) from None
     if not 0 <= token_id < tokenizer.vocab_size:
-        raise DataError(f"--eod-token {value}: id out of range [0, {tokenizer.vocab_size})")
+        raise DataFieldError(
+            "{eod_token} {value}: id out of range [0, {size})", "eod_token", value=value, size=tokenizer.vocab_size
+        )
     return token_id
 
 
@@ -111,11 +115,14 @@ def _detect(prefixes, tokenizer, candidates, flags, validate: bool) -> int:
         # Without them a corpus of concatenated documents is legitimate: warn only.
         # --eod-token skips this check for whoever really wants it.
         if flags:
-            names = ", ".join("--" + flag.replace("_", "-") for flag in flags)
-            raise DataError(
-                f"{prefix}: documents do not end with an end-of-document token "
-                f"({what}), so {names} cannot separate them: preprocess with "
-                f"--append-eod"
+            names = ", ".join("{%s}" % flag for flag in flags)
+            raise DataFieldError(
+                "{prefix}: documents do not end with an end-of-document token ({what}), so "
+                + names
+                + " cannot separate them: preprocess with --append-eod",
+                *flags,
+                prefix=prefix,
+                what=what,
             )
         _print_rank0(
             f"warning: {prefix}: documents do not end with an end-of-document token "
@@ -126,9 +133,14 @@ def _detect(prefixes, tokenizer, candidates, flags, validate: bool) -> int:
     (first, eod), *others = found.items()
     for prefix, other in others:
         if other != eod:
-            raise DataError(
-                f"--data-path: {first} ends documents with {name(eod)} but {prefix} "
-                f"with {name(other)}: preprocess them with the same tokenizer path"
+            raise DataFieldError(
+                "{data_path}: {first} ends documents with {eod} but {prefix} with {other}: "
+                "preprocess them with the same tokenizer path",
+                "data_path",
+                first=first,
+                eod=name(eod),
+                prefix=prefix,
+                other=name(other),
             )
     if eod != tokenizer.eod:
         where = first if not others else f"{first} and {len(others)} other --data-path prefixes"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from an_megatron.model.errors import FieldError
+from an_megatron.errors import FieldError
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 FP8_FORMATS = ("e4m3", "hybrid")

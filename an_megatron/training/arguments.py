@@ -18,9 +18,9 @@ import re
 
 from an_megatron.data.arguments import add_data_args
 from an_megatron.data.config import DataConfig
+from an_megatron.errors import FieldError
 from an_megatron.model.arch import ARCH_SPECS
 from an_megatron.model.arguments import add_model_args, model_config_kwargs
-from an_megatron.model.errors import FieldError
 from an_megatron.optim.schedules import DECAY_STYLES
 from an_megatron.training.config import TrainConfig
 

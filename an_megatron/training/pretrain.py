@@ -365,7 +365,9 @@ def pretrain(argv=None) -> int:
         from an_megatron.data import DataError
 
         if isinstance(e, DataError):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            from an_megatron.data.arguments import data_error_message
+
+            print(f"error: {data_error_message(e)}", file=sys.stderr, flush=True)
             return 1
         raise
     finally:
