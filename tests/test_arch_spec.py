@@ -15,7 +15,7 @@ from an_megatron.model.arch import OptimizerDefaults
 from an_megatron.model.arguments import add_model_args, model_config_from_args
 from an_megatron.model.scales import Scale
 from an_megatron.optim import constrain_parameters_
-from an_megatron.training.arguments import _fill_arch_defaults
+from an_megatron.training.arguments import _arch_defaults
 
 SMALL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16)
 
@@ -69,8 +69,8 @@ def test_new_spec_trains_from_the_command_line_flags():
     train = argparse.Namespace(
         arch="gptplus_unit", weight_decay=None, lr_warmup_iters=None, train_iters=1000, lr_decay_iters=None
     )
-    _fill_arch_defaults(train)
-    assert (train.weight_decay, train.lr_warmup_iters) == (0.0, 0)
+    defaults = _arch_defaults(train)
+    assert (defaults["weight_decay"], defaults["lr_warmup_iters"]) == (0.0, 0)
 
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -18,6 +18,7 @@ from an_megatron.data import (
     document_ids,
     parse_data_path,
 )
+from an_megatron.data.arguments import data_error_message
 from an_megatron.data.preprocess import preprocess
 
 SEQ = 32
@@ -73,8 +74,9 @@ def test_parse_data_path():
     for bad in (["1", "p", "q"], ["p", "1"], ["1", "2"]):
         with pytest.raises(DataError, match="expected one or more prefixes, or pairs"):
             parse_data_path(bad)
-    with pytest.raises(DataError, match="--data-path is required"):
+    with pytest.raises(DataError, match="data_path is required") as error:
         parse_data_path([])
+    assert data_error_message(error.value).startswith("--data-path is required (or --mock-data")
 
 
 def check_sample(sample, vocab_size):
@@ -165,7 +167,7 @@ def test_missing_and_corrupt_data_paths(corpora, tmp_path):
     nope = str(tmp_path / "nope_text_document")
     assert str(error.value) == f"indexed dataset {nope!r}: missing {nope}.bin and {nope}.idx"
     args = make_args(tokenizer_args, [])
-    with pytest.raises(DataError, match="--data-path is required"):
+    with pytest.raises(DataError, match="data_path is required"):
         build_train_valid_test_datasets(args, build_tokenizer(args), [10, 1, 0])
     # A dataset whose ids are too narrow for the tokenizer was made with another tokenizer.
     wide = make_args(

@@ -19,6 +19,7 @@ from an_megatron.data import (
     resolve_eod,
 )
 from an_megatron.data import eod as eod_module
+from an_megatron.data.arguments import data_error_message
 from an_megatron.data.indexed import document_last_tokens
 from an_megatron.data.preprocess import preprocess
 from an_megatron.data.tokenizers import TokenizerWithEod
@@ -126,12 +127,13 @@ def test_override_wins(corpora, capsys):
         assert resolve_eod(args, build_tokenizer(args)) == expected
     assert capsys.readouterr().out == ""  # no detection, no message
     for value, message in (
-        ("<nope>", "--eod-token <nope>: not a token of the tokenizer"),
-        ("600", "--eod-token 600: id out of range [0, 600)"),
+        ("<nope>", "eod_token <nope>: not a token of the tokenizer"),
+        ("600", "eod_token 600: id out of range [0, 600)"),
     ):
         args = make_args(model, ["--data-path", prefixes["eos"], "--eod-token", value])
-        with pytest.raises(DataError, match=re.escape(message)):
+        with pytest.raises(DataError, match=re.escape(message)) as error:  # the data code names the field
             resolve_eod(args, build_tokenizer(args))
+        assert data_error_message(error.value).startswith("--" + message.replace("_", "-"))  # the CLI the flag
 
 
 def test_blend_whose_prefixes_disagree_is_an_error(corpora):
@@ -150,11 +152,12 @@ def test_documents_without_eod(corpora, capsys):
         args = make_args(model, ["--data-path", prefixes["none"], flag])
         with pytest.raises(DataError) as error:
             resolve_eod(args, build_tokenizer(args))
-        message = str(error.value)
+        message = data_error_message(error.value)  # as the command line shows it
         assert message.startswith(
             f"{prefixes['none']}: documents do not end with an end-of-document token (of 60 sampled: 0 end with <EOD>"
         )
         assert flag in message and "--append-eod" in message and "\n" not in message
+        assert flag[2:].replace("-", "_") in str(error.value)  # the data code names the field
     # Without document flags, concatenated documents are legitimate: a warning, the default eod.
     args = make_args(model, ["--data-path", prefixes["none"]])
     assert resolve_eod(args, build_tokenizer(args)) == EOD

@@ -6,7 +6,11 @@ from argparse import Namespace
 import pytest
 from test_data_support import make_gpt2_files, make_hf_tokenizer_json, train_tiny_sentencepiece
 
-from an_megatron.data import DataError, build_tokenizer, pad_vocab_size
+from an_megatron.data import DataConfig, DataError, build_tokenizer, pad_vocab_size
+from an_megatron.data.arguments import data_error_message
+
+FIELD_OF = {"tokenizer-model": "tokenizer_model", "vocab-file": "vocab_file", "tokenizer-type": "tokenizer_type"}
+FIELD_OF["needs"] = "vocab_size"  # "... needs --vocab-size"
 
 TEXT = "In the beginning God created the heaven and the earth.\nAnd the earth was without form."
 
@@ -34,7 +38,8 @@ def test_sentencepiece_types(sp_model):
     )
     megatron_style = build_tokenizer(args)
     # The trained model carries Megatron's specials, so nothing is appended: vocab == 1000.
-    assert megatron_style.vocab_size == 1000 and args.padded_vocab_size == 1024
+    assert megatron_style.vocab_size == 1000
+    assert DataConfig.from_namespace(args).padded_vocab_size(megatron_style.vocab_size) == 1024
     assert megatron_style.eod == 6  # <EOD>
     ids = megatron_style.tokenize(TEXT)
     assert megatron_style.detokenize(ids) == TEXT
@@ -94,7 +99,8 @@ def test_gpt2_bpe(tmp_path):
 def test_null_tokenizer():
     args = Namespace(tokenizer_type="NullTokenizer", vocab_size=100)
     tokenizer = build_tokenizer(args)
-    assert tokenizer.vocab_size == 101 and tokenizer.eod == 100 and args.padded_vocab_size == 128
+    assert tokenizer.vocab_size == 101 and tokenizer.eod == 100
+    assert DataConfig.from_namespace(args).padded_vocab_size(tokenizer.vocab_size) == 128
     assert tokenizer.tokenize(" 1 2\t3\n4 ") == [1, 2, 3, 4]
     assert tokenizer.detokenize([1, 2, 3]) == "1 2 3"
     with pytest.raises(ValueError, match="integer ids"):
@@ -131,6 +137,9 @@ def test_null_tokenizer():
     ],
 )
 def test_tokenizer_errors_name_flag_and_path(args, message):
+    """The data code names the field (tokenizer_model); the command line shows the flag."""
     with pytest.raises(DataError) as error:
         build_tokenizer(Namespace(**args))
-    assert message in str(error.value) and "\n" not in str(error.value)
+    shown = data_error_message(error.value)
+    assert message in shown and "\n" not in shown
+    assert "--" not in str(error.value) and FIELD_OF[message.split()[0].removeprefix("--")] in str(error.value)

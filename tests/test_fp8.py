@@ -73,29 +73,58 @@ def test_bad_choice_is_rejected_by_the_parser():
 
 
 @pytest.mark.parametrize(
-    "overrides, flag",
+    "overrides, field, flag",
     [
-        (dict(fp8="e4m3"), "--fp8-backend te needs --transformer-impl transformer_engine"),
-        (dict(fp8="hybrid", fp8_backend="torch", fp8_recipe="delayed"), "--fp8-recipe tensorwise"),
-        (dict(fp8="hybrid", fp8_backend="torch", fp8_margin=-1), "--fp8-margin -1"),
-        (dict(fp8="hybrid", fp8_backend="torch", fp8_amax_history_len=16), "--fp8-amax-history-len"),
-        (dict(fp8_recipe="tensorwise"), "--fp8-recipe tensorwise has no effect without --fp8-format"),
-        (dict(fp8_backend="torch"), "--fp8-backend torch has no effect without --fp8-format"),
-        (dict(transformer_impl="apex"), "--transformer-impl 'apex'"),
-        (dict(fp8="fp8"), "--fp8-format 'fp8'"),
+        (
+            dict(fp8="e4m3"),
+            "fp8_backend te needs transformer_impl transformer_engine",
+            "--fp8-backend te needs --transformer-impl transformer_engine",
+        ),
+        (
+            dict(fp8="hybrid", fp8_backend="torch", fp8_recipe="delayed"),
+            "fp8_recipe tensorwise",
+            "--fp8-recipe tensorwise",
+        ),
+        (dict(fp8="hybrid", fp8_backend="torch", fp8_margin=-1), "fp8_margin -1", "--fp8-margin -1"),
+        (
+            dict(fp8="hybrid", fp8_backend="torch", fp8_amax_history_len=16),
+            "fp8_amax_history_len",
+            "--fp8-amax-history-len",
+        ),
+        (
+            dict(fp8_recipe="tensorwise"),
+            "fp8_recipe tensorwise has no effect without fp8 ",
+            "--fp8-recipe tensorwise has no effect without --fp8-format",
+        ),
+        (
+            dict(fp8_backend="torch"),
+            "fp8_backend torch has no effect without fp8 ",
+            "--fp8-backend torch has no effect without --fp8-format",
+        ),
+        (dict(transformer_impl="apex"), "transformer_impl 'apex'", "--transformer-impl 'apex'"),
+        (dict(fp8="fp8"), "fp8 'fp8'", "--fp8-format 'fp8'"),
     ],
 )
-def test_config_errors_name_the_flag(overrides, flag):
+def test_config_errors_name_the_field_and_the_cli_the_flag(overrides, field, flag):
+    """The config names its fields; the command line (config_error) names the flags."""
+    from an_megatron.training.arguments import config_error
+
     with pytest.raises(ValueError, match=None) as e:
         ModelConfig(**SMALL, **overrides)
-    message = str(e.value)
-    assert flag in message and "\n" not in message
+    message, cli = str(e.value), str(config_error(e.value))
+    assert field in message and "--" not in message and "\n" not in message
+    assert flag in cli and "\n" not in cli
 
 
 def test_torch_backend_with_te_impl_is_an_error(monkeypatch):
+    from an_megatron.training.arguments import config_error
+
     monkeypatch.setattr(fp8, "transformer_engine_installed", lambda: True)
-    with pytest.raises(ValueError, match="--fp8-backend torch .* --transformer-impl local"):
+    with pytest.raises(ValueError, match="fp8_backend torch .* transformer_impl local") as e:
         ModelConfig(**SMALL, transformer_impl="transformer_engine", **TORCH_FP8)
+    assert "--fp8-backend torch swaps the matmul of the local linears: use --transformer-impl local" in str(
+        config_error(e.value)
+    )
 
 
 # ---- Transformer Engine: recipe and lazy import ------------------------------------------------

@@ -90,7 +90,7 @@ import sys
 from an_megatron.training import pretrain as p
 evaluate = p.Trainer.evaluate
 def failing(self):
-    if self.iteration == self.args.train_iters:
+    if self.iteration == self.cfg.train_iters:
         raise RuntimeError("simulated failure in the final evaluation")
     return evaluate(self)
 p.Trainer.evaluate = failing
@@ -274,15 +274,14 @@ def test_training_logs_the_scheduled_lr(case, tmp_path):
 def _model_and_optimizer(arch, *flags):
     from an_megatron.data import build_tokenizer
     from an_megatron.model import GPTModel
-    from an_megatron.model.arguments import model_config_from_args
     from an_megatron.optim.optimizer import build_optimizer
     from an_megatron.training.arguments import parse_args
 
-    args, _ = parse_args([*SMALL, *MOCK, "--arch", arch, "--train-iters", "10", "--lr", "0.5", *flags], world_size=1)
-    build_tokenizer(args)  # sets args.padded_vocab_size, as training does
+    cfg, _ = parse_args([*SMALL, *MOCK, "--arch", arch, "--train-iters", "10", "--lr", "0.5", *flags], world_size=1)
+    vocab = cfg.data.padded_vocab_size(build_tokenizer(cfg.data).vocab_size)  # as training does
     torch.manual_seed(0)
-    model = GPTModel(model_config_from_args(args, args.padded_vocab_size))
-    return args, model, build_optimizer(model, args)
+    model = GPTModel(cfg.model_config(vocab))
+    return cfg, model, build_optimizer(model, cfg)
 
 
 def _zero_grad_step(model, optimizer):
@@ -600,7 +599,7 @@ def test_a_test_split_without_documents_is_dropped(corpus, tmp_path):
         [*SMALL, "--train-iters", "1", "--lr", "1e-3", *corpus_flags(corpus, tmp_path), "--split", "969,30,0.1"],
         world_size=1,
     )
-    train, valid, test = build_train_valid_test_datasets(args, build_tokenizer(args), [16, 8, 8])
+    train, valid, test = build_train_valid_test_datasets(args.data, build_tokenizer(args.data), [16, 8, 8])
     assert len(train) >= 16 and len(valid) >= 8 and test is None
 
 
@@ -615,10 +614,10 @@ def _train_dataset(corpus, tmp_path, *flags):
         [*SMALL, "--train-iters", "1", "--lr", "1e-3", *corpus_flags(corpus, tmp_path), "--split", "100,0,0", *flags],
         world_size=1,
     )
-    tokenizer = build_tokenizer(args)
-    train, valid, _ = build_train_valid_test_datasets(args, tokenizer, [256, 0, 0])
+    tokenizer = build_tokenizer(args.data)
+    train, valid, _ = build_train_valid_test_datasets(args.data, tokenizer, [256, 0, 0])
     assert valid is None
-    return train, tokenizer.eod, args.padded_vocab_size
+    return train, tokenizer.eod, args.data.padded_vocab_size(tokenizer.vocab_size)
 
 
 def test_eod_mask_loss(corpus, tmp_path, single_process):

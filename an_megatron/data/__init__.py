@@ -4,6 +4,7 @@ Importing this package does not import megatron-core (slow); the functions that 
 """
 
 from an_megatron.data.arguments import add_data_args
+from an_megatron.data.config import DataConfig
 from an_megatron.data.datasets import build_train_valid_test_datasets, document_ids, parse_data_path
 from an_megatron.data.eod import resolve_eod
 from an_megatron.data.errors import DataError, IndexedDatasetError
@@ -18,6 +19,7 @@ from an_megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer, pad_vo
 
 __all__ = [
     "add_data_args",
+    "DataConfig",
     "build_train_valid_test_datasets",
     "document_ids",
     "parse_data_path",

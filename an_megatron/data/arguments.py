@@ -6,10 +6,41 @@ import argparse
 
 from an_megatron.data.tokenizers import TOKENIZER_TYPES
 
+# The flag that sets each DataConfig field: the data code names fields (DataFieldError), the
+# command line names its flags.
+DATA_FIELD_FLAGS = {
+    "data_path": "--data-path",
+    "split": "--split",
+    "data_cache_path": "--data-cache-path",
+    "mock_data": "--mock-data",
+    "num_workers": "--num-workers",
+    "reset_position_ids": "--reset-position-ids",
+    "reset_attention_mask": "--reset-attention-mask",
+    "eod_mask_loss": "--eod-mask-loss",
+    "eod_token": "--eod-token",
+    "tokenizer_type": "--tokenizer-type",
+    "tokenizer_model": "--tokenizer-model",
+    "vocab_file": "--vocab-file",
+    "merge_file": "--merge-file",
+    "vocab_size": "--vocab-size",
+    "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
+    "seq_length": "--seq-length",
+    "seed": "--seed",
+    "tensor_model_parallel_size": "--tensor-model-parallel-size",
+}
+
+
+def data_error_message(error: Exception) -> str:
+    """A data error as the command line reports it: fields named by their flags."""
+    from an_megatron.errors import FieldError
+
+    return error.render(DATA_FIELD_FLAGS) if isinstance(error, FieldError) else str(error)
+
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add data and tokenizer flags. Sequence length, seed, batch sizes and parallel sizes are
-    defined by the training arguments; the data functions read them from the same namespace."""
+    defined by the training arguments. The data functions take a `DataConfig`
+    (`DataConfig.from_namespace(args)` builds one from these flags)."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data-path",

@@ -12,13 +12,14 @@ def run_tool(main, argv=None) -> int:
     SIGTERM is turned into SystemExit so that cleanup code (finally blocks that delete unfinished
     outputs) runs on `kill` as it does on Ctrl-C.
     """
+    from an_megatron.data.arguments import data_error_message
     from an_megatron.data.errors import DataError
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         main(argv)
     except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {data_error_message(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: unfinished outputs removed", file=sys.stderr)

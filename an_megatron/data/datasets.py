@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy
 
+from an_megatron.data.config import DataConfig
 from an_megatron.data.eod import _resolve as _resolve_eod
-from an_megatron.data.errors import DataError
+from an_megatron.data.errors import DataError, DataFieldError
 from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
 from an_megatron.data.tokenizers import TokenizerWithEod
 from megatron_patches.blended_dataset_rank import single_process_rank_zero
@@ -31,7 +32,7 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     read by megatron-core's `get_blend_from_list`. A list it would misread (a weight without a
     prefix, a number where a prefix belongs) or weights that cannot blend are refused here."""
     if not data_path:
-        raise DataError("--data-path is required (or --mock-data for synthetic tokens)")
+        raise DataFieldError("{data_path} is required (or {mock_data} for synthetic tokens)", "data_path", "mock_data")
 
     def is_weight(text):
         try:
@@ -42,13 +43,16 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
 
     weighted = [is_weight(item) for item in data_path]
     if any(weighted) and (len(data_path) % 2 or not all(weighted[0::2]) or any(weighted[1::2])):
-        raise DataError(
-            f"--data-path {' '.join(data_path)}: expected one or more prefixes, or "
-            f"pairs 'weight prefix weight prefix ...'"
+        raise DataFieldError(
+            "{data_path} {value}: expected one or more prefixes, or pairs 'weight prefix weight prefix ...'",
+            "data_path",
+            value=" ".join(data_path),
         )
     prefixes, weights = import_megatron_core("megatron.core.datasets.utils").get_blend_from_list(list(data_path))
     if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise DataError(f"--data-path weights {weights}: must be >= 0 with a positive sum")
+        raise DataFieldError(
+            "{data_path} weights {weights}: must be >= 0 with a positive sum", "data_path", weights=weights
+        )
     return prefixes, weights
 
 
@@ -63,24 +67,26 @@ def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return is_eod.cumsum(-1) - is_eod.long()
 
 
-def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_samples, is_built_on_rank=None):
+def build_train_valid_test_datasets(config, tokenizer, train_valid_test_num_samples, is_built_on_rank=None):
     """(train, valid, test) datasets; each is a GPTDataset, a BlendedDataset or None.
 
-    Reads args.data_path, split, data_cache_path, mock_data, reset_position_ids,
-    reset_attention_mask, eod_mask_loss, eod_token (from add_data_args) and args.seq_length,
-    args.seed. The end-of-document id is resolve_eod(args, tokenizer)'s.
+    `config` is a `DataConfig` (an argparse Namespace from add_data_args, with seq_length and
+    seed, is converted): data_path, split, data_cache_path, mock_data, reset_position_ids,
+    reset_attention_mask, eod_mask_loss, eod_token, seq_length, seed. The end-of-document id
+    is resolve_eod(config, tokenizer)'s.
     `train_valid_test_num_samples` are the samples each split must provide (None: one epoch).
     `is_built_on_rank` (default: every rank) lets ranks that need no data skip building.
     Samples are dicts: 'tokens' and 'labels' (seq_length ids each: the labels are the tokens
     shifted by one), 'loss_mask' and 'position_ids' (restarting at each document with
     --reset-position-ids). Document masks come from ``document_ids(tokens, eod)``.
     """
+    c = DataConfig.from_namespace(config)
     gpt = import_megatron_core("megatron.core.datasets.gpt_dataset")
     builder_module = import_megatron_core("megatron.core.datasets.blended_megatron_dataset_builder")
-    if getattr(args, "mock_data", False):
+    if c.mock_data:
         blend, dataset_class = None, gpt.MockGPTDataset
     else:
-        prefixes, weights = parse_data_path(getattr(args, "data_path", None))
+        prefixes, weights = parse_data_path(c.data_path)
         infos = []
         for prefix in prefixes:
             info = check_indexed_dataset(prefix)
@@ -92,22 +98,22 @@ def build_train_valid_test_datasets(args, tokenizer, train_valid_test_num_sample
                     f"another tokenizer?"
                 )
         blend, dataset_class = (prefixes, weights), gpt.GPTDataset
-    eod = _resolve_eod(args, tokenizer, validate=False)  # the prefixes were just checked
+    eod = _resolve_eod(c, tokenizer, validate=False)  # the prefixes were just checked
     if eod != tokenizer.eod:
         tokenizer = TokenizerWithEod(tokenizer, eod)  # GPTDataset reads tokenizer.eod
     sizes = list(train_valid_test_num_samples)
     if len(sizes) != 3:
         raise DataError(f"train_valid_test_num_samples needs 3 entries, got {sizes}")
     config = gpt.GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
+        random_seed=c.seed,
+        sequence_length=c.seq_length,
         blend=blend,
-        split=getattr(args, "split", "969,30,1") if blend is not None else None,
-        path_to_cache=getattr(args, "data_cache_path", None),
+        split=c.split if blend is not None else None,
+        path_to_cache=c.data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=bool(getattr(args, "reset_position_ids", False)),
-        reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)),
-        eod_mask_loss=bool(getattr(args, "eod_mask_loss", False)),
+        reset_position_ids=bool(c.reset_position_ids),
+        reset_attention_mask=bool(c.reset_attention_mask),
+        eod_mask_loss=bool(c.eod_mask_loss),
         # The model builds its masks from document ids (see document_ids below): no [1, s, s]
         # mask per sample is made or loaded.
         create_attention_mask=False,
@@ -142,7 +148,12 @@ def _drop_or_refuse_empty_splits(config, infos, split: str) -> None:
         if name == "test":
             config.split_matrix[i] = None
             continue
-        raise DataError(
-            f"--split {split}: the {name} split of {empty[0].prefix} gets none of its "
-            f"{empty[0].num_documents} documents; give it a larger share (or 0 for none)"
+        raise DataFieldError(
+            "{split} {value}: the {name} split of {prefix} gets none of its {count} documents; "
+            "give it a larger share (or 0 for none)",
+            "split",
+            value=split,
+            name=name,
+            prefix=empty[0].prefix,
+            count=empty[0].num_documents,
         )

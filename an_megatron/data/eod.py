@@ -8,7 +8,7 @@ by --reset-attention-mask, --reset-position-ids and --eod-mask-loss.
 
 So by default (--eod-token auto) the id is read from the data: for each --data-path prefix, the
 last tokens of up to SAMPLE_DOCUMENTS documents decide between the tokenizer's `eod_candidates`.
-`resolve_eod(args, tokenizer)` gives the id; build_train_valid_test_datasets hands it to
+`resolve_eod(config, tokenizer)` gives the id; build_train_valid_test_datasets hands it to
 megatron-core's GPTDataset, and the training loop should use the same function.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from an_megatron.data.errors import DataError
+from an_megatron.data.errors import DataFieldError
 
 SAMPLE_DOCUMENTS = 1000
 # A candidate ending at least this share of the sampled documents is the EOD. With --append-eod
@@ -28,28 +28,31 @@ DOCUMENT_FLAGS = ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
 _RESOLVED: dict = {}  # one scan (and one message) per process for the same data and tokenizer
 
 
-def resolve_eod(args, tokenizer) -> int:
-    """The end-of-document id for the data of `args` (from add_data_args) and `tokenizer`.
+def resolve_eod(config, tokenizer) -> int:
+    """The end-of-document id for the data of `config` (a `DataConfig`; an argparse Namespace
+    from add_data_args is converted) and `tokenizer`.
 
-    args.eod_token: "auto" (default, also when missing) detects it from the --data-path prefixes;
+    config.eod_token: "auto" (default) detects it from the --data-path prefixes;
     an integer is taken as an id, anything else as a token of the tokenizer (e.g. </s>).
     Raises DataError (one line) for a bad --eod-token, for blend prefixes whose documents end
     with different tokens, and for documents without an EOD when document masking or
     --eod-mask-loss is on. Prints a line on rank 0 when the EOD is not the tokenizer's default.
     """
-    return _resolve(args, tokenizer, validate=True)
+    from an_megatron.data.config import DataConfig
+
+    return _resolve(DataConfig.from_namespace(config), tokenizer, validate=True)
 
 
-def _resolve(args, tokenizer, validate: bool) -> int:
-    override = getattr(args, "eod_token", None) or "auto"
+def _resolve(config, tokenizer, validate: bool) -> int:
+    override = config.eod_token or "auto"
     if override != "auto":
         return parse_eod_token(override, tokenizer)
-    if getattr(args, "mock_data", False) or not getattr(args, "data_path", None):
+    if config.mock_data or not config.data_path:
         return tokenizer.eod
     from an_megatron.data.datasets import parse_data_path
 
-    prefixes, _ = parse_data_path(args.data_path)
-    flags = tuple(name for name in DOCUMENT_FLAGS if getattr(args, name, False))
+    prefixes, _ = parse_data_path(config.data_path)
+    flags = tuple(name for name in DOCUMENT_FLAGS if getattr(config, name))
     candidates = tuple(getattr(tokenizer, "eod_candidates", (tokenizer.eod,)))
     key = (tuple(os.path.abspath(p) for p in prefixes), tokenizer.eod, candidates, flags)
     if key not in _RESOLVED:
@@ -65,12 +68,16 @@ def parse_eod_token(value: str, tokenizer) -> int:
         lookup = getattr(tokenizer, "token_to_id", None)
         token_id = lookup(value) if lookup else None
         if token_id is None:
-            raise DataError(
-                f"--eod-token {value}: not a token of the tokenizer (give a token "
-                f"such as </s> or <EOD>, an id, or auto)"
+            raise DataFieldError(
+                "{eod_token} {value}: not a token of the tokenizer "
+                "(give a token such as </s> or <EOD>, an id, or auto)",
+                "eod_token",
+                value=value,
             ) from None
     if not 0 <= token_id < tokenizer.vocab_size:
-        raise DataError(f"--eod-token {value}: id out of range [0, {tokenizer.vocab_size})")
+        raise DataFieldError(
+            "{eod_token} {value}: id out of range [0, {size})", "eod_token", value=value, size=tokenizer.vocab_size
+        )
     return token_id
 
 
@@ -108,11 +115,14 @@ def _detect(prefixes, tokenizer, candidates, flags, validate: bool) -> int:
         # Without them a corpus of concatenated documents is legitimate: warn only.
         # --eod-token skips this check for whoever really wants it.
         if flags:
-            names = ", ".join("--" + flag.replace("_", "-") for flag in flags)
-            raise DataError(
-                f"{prefix}: documents do not end with an end-of-document token "
-                f"({what}), so {names} cannot separate them: preprocess with "
-                f"--append-eod"
+            names = ", ".join("{%s}" % flag for flag in flags)
+            raise DataFieldError(
+                "{prefix}: documents do not end with an end-of-document token ({what}), so "
+                + names
+                + " cannot separate them: preprocess with --append-eod",
+                *flags,
+                prefix=prefix,
+                what=what,
             )
         _print_rank0(
             f"warning: {prefix}: documents do not end with an end-of-document token "
@@ -123,9 +133,14 @@ def _detect(prefixes, tokenizer, candidates, flags, validate: bool) -> int:
     (first, eod), *others = found.items()
     for prefix, other in others:
         if other != eod:
-            raise DataError(
-                f"--data-path: {first} ends documents with {name(eod)} but {prefix} "
-                f"with {name(other)}: preprocess them with the same tokenizer path"
+            raise DataFieldError(
+                "{data_path}: {first} ends documents with {eod} but {prefix} with {other}: "
+                "preprocess them with the same tokenizer path",
+                "data_path",
+                first=first,
+                eod=name(eod),
+                prefix=prefix,
+                other=name(other),
             )
     if eod != tokenizer.eod:
         where = first if not others else f"{first} and {len(others)} other --data-path prefixes"

@@ -29,7 +29,7 @@ import json
 import os
 from collections import OrderedDict
 
-from an_megatron.data.errors import DataError
+from an_megatron.data.errors import DataError, DataFieldError
 
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
@@ -108,7 +108,12 @@ class _SentencePieceModel(_Tokenizer):
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         except (OSError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-            raise DataError(f"--tokenizer-model {model_file}: not a SentencePiece model ({reason})") from None
+            raise DataFieldError(
+                "{tokenizer_model} {path}: not a SentencePiece model ({reason})",
+                "tokenizer_model",
+                path=model_file,
+                reason=reason,
+            ) from None
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -185,9 +190,11 @@ class GPTSentencePieceTokenizer(_SentencePieceModel):
     def __init__(self, model_file: str) -> None:
         super().__init__(model_file)
         if self._sp.eos_id() < 0:
-            raise DataError(
-                f"--tokenizer-model {model_file}: the SentencePiece model has no eos "
-                f"piece, which GPTSentencePieceTokenizer uses as end of document"
+            raise DataFieldError(
+                "{tokenizer_model} {path}: the SentencePiece model has no eos "
+                "piece, which GPTSentencePieceTokenizer uses as end of document",
+                "tokenizer_model",
+                path=model_file,
             )
 
     @property
@@ -243,12 +250,15 @@ class HuggingFaceTokenizer(_HFTokenizersWrapper):
 
         json_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(json_path):
-            raise DataError(f"--tokenizer-model {path}: no tokenizer.json there")
+            raise DataFieldError("{tokenizer_model} {path}: no tokenizer.json there", "tokenizer_model", path=path)
         try:
             self._tok = Tokenizer.from_file(json_path)
         except Exception as error:  # the library raises a bare Exception on bad JSON
-            raise DataError(
-                f"--tokenizer-model {json_path}: not a HuggingFace tokenizer.json ({str(error).splitlines()[0]})"
+            raise DataFieldError(
+                "{tokenizer_model} {path}: not a HuggingFace tokenizer.json ({reason})",
+                "tokenizer_model",
+                path=json_path,
+                reason=str(error).splitlines()[0],
             ) from None
         self._eod = self._find_eod(json_path)
 
@@ -266,8 +276,11 @@ class HuggingFaceTokenizer(_HFTokenizersWrapper):
             token_id = self._tok.token_to_id(token)
             if token_id is not None:
                 return token_id
-        raise DataError(
-            f"--tokenizer-model {json_path}: cannot find an end-of-document token (tried {', '.join(candidates)})"
+        raise DataFieldError(
+            "{tokenizer_model} {path}: cannot find an end-of-document token (tried {tried})",
+            "tokenizer_model",
+            path=json_path,
+            tried=", ".join(candidates),
         )
 
     @property
@@ -285,16 +298,20 @@ class GPT2BPETokenizer(_HFTokenizersWrapper):
         try:
             self._tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
         except Exception as error:
-            raise DataError(
-                f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot load "
-                f"GPT-2 BPE ({str(error).splitlines()[0]})"
+            raise DataFieldError(
+                "{vocab_file} {vocab} / {merge_file} {merges}: cannot load GPT-2 BPE ({reason})",
+                "vocab_file",
+                "merge_file",
+                vocab=vocab_file,
+                merges=merge_file,
+                reason=str(error).splitlines()[0],
             ) from None
         # GPT-2 splits on its regex and maps bytes to printable characters, no prefix space.
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
         eod = self._tok.token_to_id("<|endoftext|>")
         if eod is None:
-            raise DataError(f"--vocab-file {vocab_file}: no <|endoftext|> token")
+            raise DataFieldError("{vocab_file} {path}: no <|endoftext|> token", "vocab_file", path=vocab_file)
         self._eod = eod
 
     @property
@@ -358,47 +375,52 @@ class TokenizerWithEod:
         return f"TokenizerWithEod({self.tokenizer!r}, eod={self._eod})"
 
 
-def _require_file(flag: str, path) -> str:
+def _require_file(field: str, path) -> str:
     if not path:
-        raise DataError(f"{flag} is required for this --tokenizer-type")
+        raise DataFieldError("{%s} is required for this {tokenizer_type}" % field, field, "tokenizer_type")
     if not os.path.exists(path):
-        raise DataError(f"{flag} {path}: no such file")
+        raise DataFieldError("{%s} {path}: no such file" % field, field, path=path)
     return path
 
 
-def build_tokenizer(args):
-    """Build the tokenizer named by args.tokenizer_type and set args.padded_vocab_size.
+def build_tokenizer(config):
+    """Build the tokenizer named by `config.tokenizer_type`.
 
-    `args` uses Megatron's attribute names: tokenizer_type, tokenizer_model, vocab_file,
-    merge_file, vocab_size, make_vocab_size_divisible_by (default 128) and
-    tensor_model_parallel_size (default 1); missing attributes take their defaults.
+    `config` is a `DataConfig` (an argparse Namespace with Megatron's attribute names is
+    converted by `DataConfig.from_namespace`). The padded vocabulary the model holds is
+    `config.padded_vocab_size(tokenizer.vocab_size)`.
     """
-    kind = getattr(args, "tokenizer_type", None)
+    from an_megatron.data.config import DataConfig
+
+    c = DataConfig.from_namespace(config)
+    kind = c.tokenizer_type
     if kind == "SentencePieceTokenizer":
-        tokenizer = SentencePieceTokenizer(_require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
+        tokenizer = SentencePieceTokenizer(_require_file("tokenizer_model", c.tokenizer_model))
     elif kind == "GPTSentencePieceTokenizer":
-        tokenizer = GPTSentencePieceTokenizer(
-            _require_file("--tokenizer-model", getattr(args, "tokenizer_model", None))
-        )
+        tokenizer = GPTSentencePieceTokenizer(_require_file("tokenizer_model", c.tokenizer_model))
     elif kind == "HuggingFaceTokenizer":
-        tokenizer = HuggingFaceTokenizer(_require_file("--tokenizer-model", getattr(args, "tokenizer_model", None)))
+        tokenizer = HuggingFaceTokenizer(_require_file("tokenizer_model", c.tokenizer_model))
     elif kind == "GPT2BPETokenizer":
         tokenizer = GPT2BPETokenizer(
-            _require_file("--vocab-file", getattr(args, "vocab_file", None)),
-            _require_file("--merge-file", getattr(args, "merge_file", None)),
+            _require_file("vocab_file", c.vocab_file),
+            _require_file("merge_file", c.merge_file),
         )
     elif kind == "NullTokenizer":
-        vocab_size = getattr(args, "vocab_size", None)
+        vocab_size = c.vocab_size
         if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise DataError(f"--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1), got {vocab_size!r}")
+            raise DataFieldError(
+                "{tokenizer_type} NullTokenizer needs {vocab_size} N (N >= 1), got {value!r}",
+                "tokenizer_type",
+                "vocab_size",
+                value=vocab_size,
+            )
         tokenizer = NullTokenizer(vocab_size)
     elif kind is None:
-        raise DataError(f"--tokenizer-type is required (one of {', '.join(TOKENIZER_TYPES)})")
+        types = ", ".join(TOKENIZER_TYPES)
+        raise DataFieldError("{tokenizer_type} is required (one of {types})", "tokenizer_type", types=types)
     else:
-        raise DataError(f"--tokenizer-type {kind}: unknown (one of {', '.join(TOKENIZER_TYPES)})")
-    args.padded_vocab_size = pad_vocab_size(
-        tokenizer.vocab_size,
-        getattr(args, "make_vocab_size_divisible_by", None) or 128,
-        getattr(args, "tensor_model_parallel_size", None) or 1,
-    )
+        types = ", ".join(TOKENIZER_TYPES)
+        raise DataFieldError(
+            "{tokenizer_type} {kind}: unknown (one of {types})", "tokenizer_type", kind=kind, types=types
+        )
     return tokenizer

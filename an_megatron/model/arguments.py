@@ -102,17 +102,18 @@ def add_fp8_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+def model_config_kwargs(args: argparse.Namespace) -> dict:
+    """The ``ModelConfig`` fields the model flags set: all but ``vocab_size`` (the padded
+    vocabulary, which the tokenizer decides)."""
     scales = dict(args.scale)
     if args.alpha_init is not None:
         scales["alpha"] = (args.alpha_init, scales.get("alpha", DEFAULT_SCALES["alpha"])[1])
-    return ModelConfig(
+    return dict(
         arch=args.arch,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=args.ffn_hidden_size,
-        vocab_size=vocab_size,
         seq_length=args.seq_length,
         rope_theta=args.rotary_base,
         nu_att=args.nu_att,
@@ -131,3 +132,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         fp8_amax_history_len=args.fp8_amax_history_len,
         fp8_amax_compute_algo=args.fp8_amax_compute_algo,
     )
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    """The model the flags in `args` describe, holding a (padded) vocabulary of `vocab_size`."""
+    return ModelConfig(**model_config_kwargs(args), vocab_size=vocab_size)

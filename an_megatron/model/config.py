@@ -21,8 +21,12 @@ DEFAULT_SCALES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
+    """Frozen: the defaults that depend on other fields (ffn_hidden_size, weight_norm, the FP8
+    backend and recipe) are resolved in ``__post_init__``; change a field with
+    ``dataclasses.replace``, which validates again."""
+
     arch: str = "angpt"  # a key of arch.ARCH_SPECS
     num_layers: int = 4
     hidden_size: int = 256
@@ -58,11 +62,13 @@ class ModelConfig:
         if self.arch not in ARCH_SPECS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCH_SPECS)}")
         check_nu_att(self.nu_att)
-        check_fp8(self)
+        resolved = dict(zip(("fp8_backend", "fp8_recipe"), check_fp8(self)))
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            resolved["ffn_hidden_size"] = 4 * self.hidden_size
         if self.weight_norm is None:
-            self.weight_norm = self.spec.weight_norm
+            resolved["weight_norm"] = self.spec.weight_norm
+        for name, value in resolved.items():  # construction, not mutation: frozen from here on
+            object.__setattr__(self, name, value)
         if self.weight_norm not in WEIGHT_NORMS:
             raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
         unknown = set(self.scales) - set(DEFAULT_SCALES)

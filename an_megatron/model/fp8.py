@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from an_megatron.errors import FieldError
+
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8")
@@ -54,54 +56,79 @@ TE_INSTALL_HINT = "pip install -e '.[fp8]' (transformer-engine[pytorch]; needs C
 
 
 # ---- settings ---------------------------------------------------------------------------------
-def check_fp8(config) -> None:
-    """Validate and resolve the precision fields of a ``ModelConfig`` (one-line errors naming
-    the flag). Fills the defaults that depend on other flags: backend ``te``; recipe ``delayed``
-    for TE (Megatron's default), ``tensorwise`` for the torch backend (the one it implements)."""
+def check_fp8(config) -> tuple[str | None, str | None]:
+    """Validate the precision fields of a ``ModelConfig`` (one-line ``FieldError``s naming the
+    fields; the command line names its flags instead) and return ``(fp8_backend, fp8_recipe)``
+    resolved; the config is not written to. The defaults depend on other fields: backend
+    ``te``; recipe ``delayed`` for TE (Megatron's default), ``tensorwise`` for the torch backend
+    (the one it implements). Without FP8 both are None."""
     c = config
     if c.transformer_impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"--transformer-impl {c.transformer_impl!r}: choose one of {', '.join(TRANSFORMER_IMPLS)}")
+        raise _not_one_of("transformer_impl", c.transformer_impl, TRANSFORMER_IMPLS)
     if c.transformer_impl == "transformer_engine" and not transformer_engine_installed():
-        raise ValueError(
-            f"--transformer-impl transformer_engine: Transformer Engine is not installed; {TE_INSTALL_HINT}"
+        raise FieldError(
+            "{transformer_impl} transformer_engine: Transformer Engine is not installed; {hint}",
+            "transformer_impl",
+            hint=TE_INSTALL_HINT,
         )
     if c.fp8 is None:
-        for flag, value in (("--fp8-recipe", c.fp8_recipe), ("--fp8-backend", c.fp8_backend)):
-            if value is not None:
-                raise ValueError(f"{flag} {value} has no effect without --fp8-format (e4m3 or hybrid)")
-        return
+        for name in ("fp8_recipe", "fp8_backend"):
+            if getattr(c, name) is not None:
+                raise FieldError(
+                    "{%s} {value} has no effect without {fp8} (e4m3 or hybrid)" % name,
+                    name,
+                    "fp8",
+                    value=getattr(c, name),
+                )
+        return None, None
     if c.fp8 not in FP8_FORMATS:
-        raise ValueError(f"--fp8-format {c.fp8!r}: choose one of {', '.join(FP8_FORMATS)}")
-    c.fp8_backend = c.fp8_backend or "te"
-    if c.fp8_backend not in FP8_BACKENDS:
-        raise ValueError(f"--fp8-backend {c.fp8_backend!r}: choose one of {', '.join(FP8_BACKENDS)}")
-    c.fp8_recipe = c.fp8_recipe or ("delayed" if c.fp8_backend == "te" else "tensorwise")
-    if c.fp8_recipe not in FP8_RECIPES:
-        raise ValueError(f"--fp8-recipe {c.fp8_recipe!r}: choose one of {', '.join(FP8_RECIPES)}")
-    if c.fp8_backend == "te" and c.transformer_impl != "transformer_engine":
-        raise ValueError(
-            "--fp8-backend te needs --transformer-impl transformer_engine "
-            "(or --fp8-backend torch, which needs no Transformer Engine)"
+        raise _not_one_of("fp8", c.fp8, FP8_FORMATS)
+    backend = c.fp8_backend or "te"
+    if backend not in FP8_BACKENDS:
+        raise _not_one_of("fp8_backend", backend, FP8_BACKENDS)
+    recipe = c.fp8_recipe or ("delayed" if backend == "te" else "tensorwise")
+    if recipe not in FP8_RECIPES:
+        raise _not_one_of("fp8_recipe", recipe, FP8_RECIPES)
+    if backend == "te" and c.transformer_impl != "transformer_engine":
+        raise FieldError(
+            "{fp8_backend} te needs {transformer_impl} transformer_engine "
+            "(or {fp8_backend} torch, which needs no Transformer Engine)",
+            "fp8_backend",
+            "transformer_impl",
         )
-    if c.fp8_backend == "torch" and c.transformer_impl != "local":
-        raise ValueError("--fp8-backend torch swaps the matmul of the local linears: use --transformer-impl local")
-    if c.fp8_backend == "torch" and c.fp8_recipe != "tensorwise":
-        raise ValueError(
-            f"--fp8-backend torch implements --fp8-recipe tensorwise (per-tensor dynamic scaling) "
-            f"only, not {c.fp8_recipe!r}"
+    if backend == "torch" and c.transformer_impl != "local":
+        raise FieldError(
+            "{fp8_backend} torch swaps the matmul of the local linears: use {transformer_impl} local",
+            "fp8_backend",
+            "transformer_impl",
+        )
+    if backend == "torch" and recipe != "tensorwise":
+        raise FieldError(
+            "{fp8_backend} torch implements {fp8_recipe} tensorwise (per-tensor dynamic scaling) only, not {value!r}",
+            "fp8_backend",
+            "fp8_recipe",
+            value=recipe,
         )
     if c.fp8_margin < 0:
-        raise ValueError(f"--fp8-margin {c.fp8_margin} must be >= 0")
+        raise FieldError("{fp8_margin} {value} must be >= 0", "fp8_margin", value=c.fp8_margin)
     if c.fp8_amax_history_len < 1:
-        raise ValueError(f"--fp8-amax-history-len {c.fp8_amax_history_len} must be >= 1")
+        history = c.fp8_amax_history_len
+        raise FieldError("{fp8_amax_history_len} {value} must be >= 1", "fp8_amax_history_len", value=history)
     if c.fp8_amax_compute_algo not in AMAX_COMPUTE_ALGOS:
-        raise ValueError(
-            f"--fp8-amax-compute-algo {c.fp8_amax_compute_algo!r}: choose one of {', '.join(AMAX_COMPUTE_ALGOS)}"
+        raise _not_one_of("fp8_amax_compute_algo", c.fp8_amax_compute_algo, AMAX_COMPUTE_ALGOS)
+    if recipe != "delayed" and (c.fp8_amax_history_len != 1 or c.fp8_amax_compute_algo != "most_recent"):
+        raise FieldError(
+            "{fp8_amax_history_len}/{fp8_amax_compute_algo} apply to {fp8_recipe} delayed only, not {value!r}",
+            "fp8_amax_history_len",
+            "fp8_amax_compute_algo",
+            "fp8_recipe",
+            value=recipe,
         )
-    if c.fp8_recipe != "delayed" and (c.fp8_amax_history_len != 1 or c.fp8_amax_compute_algo != "most_recent"):
-        raise ValueError(
-            f"--fp8-amax-history-len/--fp8-amax-compute-algo apply to --fp8-recipe delayed only, not {c.fp8_recipe!r}"
-        )
+    return backend, recipe
+
+
+def _not_one_of(field: str, value, choices) -> FieldError:
+    return FieldError("{%s} {value!r}: choose one of {choices}" % field, field, value=value, choices=", ".join(choices))
 
 
 # ---- Transformer Engine -----------------------------------------------------------------------

@@ -16,13 +16,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """AdamW (Adam when weight decay is 0). A torch optimizer rather than DeepSpeed's CPU fused
+def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
+    """AdamW (Adam when weight decay is 0) from a ``TrainConfig``'s weight_decay, lr,
+    adam_beta1, adam_beta2 and adam_eps. A torch optimizer rather than DeepSpeed's CPU fused
     Adam, which compiles for ~45 s on first use; on GPUs torch's fused kernel is used."""
     return torch.optim.AdamW(
-        param_groups(model, args.weight_decay),
-        lr=args.lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_eps,
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
         fused=torch.cuda.is_available() or None,
     )

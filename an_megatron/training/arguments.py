@@ -3,6 +3,10 @@
 Per-architecture defaults (``ArchSpec.optimizer``) follow the paper: anGPT and nGPT train with
 Adam, no weight decay and no warm-up; GPT+ with AdamW, weight decay 0.1 (matrices only) and a
 linear warm-up. A flag given explicitly always wins.
+
+This is the only place that turns flags into configs: ``parse_args`` returns a frozen
+``TrainConfig`` (with its ``DataConfig`` and the model's fields), built once from the flags,
+the defaults and ds.json; the parsed Namespace is read, never written, and not passed on.
 """
 
 from __future__ import annotations
@@ -13,13 +17,53 @@ import os
 import re
 
 from an_megatron.data.arguments import add_data_args
+from an_megatron.data.config import DataConfig
+from an_megatron.errors import FieldError
 from an_megatron.model.arch import ARCH_SPECS
-from an_megatron.model.arguments import add_model_args
+from an_megatron.model.arguments import add_model_args, model_config_kwargs
 from an_megatron.optim.schedules import DECAY_STYLES
+from an_megatron.training.config import TrainConfig
 
 
 class ConfigError(ValueError):
     """A flag, or a ds.json value, that cannot work; the message names it."""
+
+
+# The flag that sets each ModelConfig field: config code names fields (FieldError), the
+# command line names its flags.
+MODEL_FIELD_FLAGS = {
+    "arch": "--arch",
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "seq_length": "--seq-length",
+    "rope_theta": "--rotary-base",
+    "nu_att": "--nu-att",
+    "use_nu_lerp": "--no-nu-lerp",
+    "alpha_per_dim": "--alpha-scalar",
+    "scales": "--scale",
+    "weight_norm": "--weight-norm",
+    "init_std": "--init-method-std",
+    "tensor_model_parallel_size": "--tensor-model-parallel-size",
+    "seed": "--seed",
+    "transformer_impl": "--transformer-impl",
+    "fp8": "--fp8-format",
+    "fp8_recipe": "--fp8-recipe",
+    "fp8_backend": "--fp8-backend",
+    "fp8_margin": "--fp8-margin",
+    "fp8_amax_history_len": "--fp8-amax-history-len",
+    "fp8_amax_compute_algo": "--fp8-amax-compute-algo",
+}
+
+
+def config_error(error: ValueError) -> ConfigError:
+    """A config's validation error as the command line reports it: fields named by their flags."""
+    if isinstance(error, ConfigError):
+        return error
+    if isinstance(error, FieldError):
+        return ConfigError(error.render(MODEL_FIELD_FLAGS))
+    return ConfigError(str(error))
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -101,14 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     return deepspeed.add_config_arguments(parser)
 
 
-def _fill_arch_defaults(args) -> None:
+def _arch_defaults(args) -> dict:
+    """weight_decay, lr_warmup_iters and lr_decay_iters: the flag's value, else the arch's."""
     defaults = ARCH_SPECS[args.arch].optimizer
-    if args.weight_decay is None:
-        args.weight_decay = defaults.weight_decay
-    if args.lr_warmup_iters is None:
-        args.lr_warmup_iters = defaults.warmup_iters(args.train_iters)
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
+    return dict(
+        weight_decay=defaults.weight_decay if args.weight_decay is None else args.weight_decay,
+        lr_warmup_iters=(
+            defaults.warmup_iters(args.train_iters) if args.lr_warmup_iters is None else args.lr_warmup_iters
+        ),
+        lr_decay_iters=args.train_iters if args.lr_decay_iters is None else args.lr_decay_iters,
+    )
 
 
 def load_ds_config(args) -> dict:
@@ -124,12 +170,18 @@ def load_ds_config(args) -> dict:
         raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from None
 
 
-def reconcile_ds_config(args, ds: dict, world_size: int) -> dict:
+def reconcile_ds_config(args, ds: dict, world_size: int, explicit_flags=frozenset()) -> tuple[dict, dict]:
     """Make ds.json and the flags agree; fill in what either leaves out.
 
     Batch sizes: ``global = micro * accumulation * data_parallel``. Each value may come from a
     flag or from ds.json; given in both and different is an error naming both. The optimizer,
-    learning-rate schedule, clipping and precision are set by the flags.
+    learning-rate schedule, clipping and precision are set by the flags. `explicit_flags`: the
+    flags given on the command line (a default --clip-grad yields to ds.json).
+
+    Returns ``(ds_config, settled)``: the DeepSpeed config to hand to ``deepspeed.initialize``,
+    and the training values it settles (micro_batch_size, global_batch_size,
+    gradient_accumulation_steps, data_parallel_size, clip_grad, bf16, zero_stage). `args` and
+    `ds` are not written to.
     """
     ds = dict(ds)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -171,29 +223,22 @@ def reconcile_ds_config(args, ds: dict, world_size: int) -> dict:
             f"ds.json gradient_accumulation_steps {accum} disagrees with --global-batch-size {glob} / "
             f"(--micro-batch-size {micro} x data-parallel size {dp}) = {glob // (micro * dp)}"
         )
-    args.micro_batch_size, args.global_batch_size = micro, glob
-    args.data_parallel_size = dp
-    args.gradient_accumulation_steps = glob // (micro * dp)
-    ds.update(
-        train_batch_size=glob,
-        train_micro_batch_size_per_gpu=micro,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-    )
+    accum = glob // (micro * dp)
+    ds.update(train_batch_size=glob, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
 
     clip = ds.get("gradient_clipping")
-    if clip is not None and "--clip-grad" in args.explicit_flags and clip != args.clip_grad:
+    if clip is not None and "--clip-grad" in explicit_flags and clip != args.clip_grad:
         raise ConfigError(f"--clip-grad {args.clip_grad} disagrees with ds.json gradient_clipping {clip}")
-    if clip is not None:
-        args.clip_grad = clip
-    ds["gradient_clipping"] = args.clip_grad
+    clip_grad = args.clip_grad if clip is None else clip
+    ds["gradient_clipping"] = clip_grad
 
     ds_bf16 = ds.get("bf16", {}).get("enabled")
     if args.bf16 and ds_bf16 is False:
         raise ConfigError("--bf16 disagrees with ds.json bf16.enabled false")
-    args.bf16 = args.bf16 or bool(ds_bf16)
+    bf16 = args.bf16 or bool(ds_bf16)
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError('ds.json enables fp16: anGPT trains in bf16 or fp32 (use "bf16": {"enabled": true})')
-    if args.bf16:
+    if bf16:
         # DeepSpeed's bf16 paths skip a step with a non-finite gradient only when asked to.
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True, "check_grad_overflow": True}
     zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
@@ -202,25 +247,47 @@ def reconcile_ds_config(args, ds: dict, world_size: int) -> dict:
             f"ZeRO stage {zero_stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's pipeline "
             f"engine supports ZeRO stage 0 and 1 only"
         )
-    args.zero_stage = zero_stage
     ds.setdefault("steps_per_print", 10**9)  # our own log lines replace DeepSpeed's
     ds.setdefault("wall_clock_breakdown", False)
-    return ds
+    settled = dict(
+        micro_batch_size=micro,
+        global_batch_size=glob,
+        gradient_accumulation_steps=accum,
+        data_parallel_size=dp,
+        clip_grad=clip_grad,
+        bf16=bf16,
+        zero_stage=zero_stage,
+    )
+    return ds, settled
 
 
-def parse_args(argv=None, world_size: int | None = None):
+def data_config(args) -> DataConfig:
+    """The data pipeline's config from the data, tokenizer and training flags."""
+    return DataConfig.from_namespace(args)
+
+
+def train_config(args, settled: dict) -> TrainConfig:
+    """The run's config: the flags (read from `args`), the arch's defaults and what ds.json
+    settled (``reconcile_ds_config``)."""
+    derived = {**_arch_defaults(args), **settled}
+    flags = (f for f in TrainConfig.__dataclass_fields__ if f not in ("data", "model", *derived))
+    values = {f: getattr(args, f) for f in flags}
+    return TrainConfig(**values, **derived, data=data_config(args), model=model_config_kwargs(args))
+
+
+def parse_args(argv=None, world_size: int | None = None) -> tuple[TrainConfig, dict]:
     """Parse flags, apply per-architecture defaults, reconcile with ds.json.
 
-    Returns ``(args, ds_config)``; raises ``ConfigError`` with a one-line message."""
+    Returns ``(config, ds_config)``: the frozen ``TrainConfig`` and the DeepSpeed config; raises
+    ``ConfigError`` with a one-line message."""
     import sys
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.explicit_flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+    explicit_flags = frozenset(a.split("=")[0] for a in argv if a.startswith("--"))
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    _fill_arch_defaults(args)
     if not args.mock_data and not args.data_path:
         raise ConfigError("no training data: give --data-path PREFIX (or --mock-data)")
     if args.tokenizer_type is None:
@@ -238,5 +305,5 @@ def parse_args(argv=None, world_size: int | None = None):
                 f"--tensorboard-dir {args.tensorboard_dir}: the tensorboard package is not installed "
                 "(pip install tensorboard)"
             ) from None
-    ds = reconcile_ds_config(args, load_ds_config(args), world_size)
-    return args, ds
+    ds, settled = reconcile_ds_config(args, load_ds_config(args), world_size, explicit_flags)
+    return train_config(args, settled), ds

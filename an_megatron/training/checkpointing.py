@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from an_megatron.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from an_megatron.training.config import TrainConfig
 
 LATEST = "latest"  # DeepSpeed's name, so deepspeed's own tools find our checkpoints
 META = "an_megatron.json"
@@ -65,14 +69,16 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, save_dir: str, iteration: int, consumed_samples: int, config: ModelConfig, args) -> str:
+def save_checkpoint(
+    engine, save_dir: str, iteration: int, consumed_samples: int, config: ModelConfig, run: TrainConfig
+) -> str:
     tag = tag_for(iteration)
     client_state = dict(
         iteration=iteration,
         consumed_samples=consumed_samples,
         rng=_rng_state(),
         model_config=config.to_dict(),
-        args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        args=run.as_record(),
     )
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's files are written before the pointer moves
@@ -81,7 +87,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, consumed_samples: int
             iteration=iteration,
             consumed_samples=consumed_samples,
             model_config=config.to_dict(),
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            pipeline_model_parallel_size=run.pipeline_model_parallel_size,
         )
         _write_atomic(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1))
         _write_atomic(os.path.join(save_dir, LATEST), tag)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from an_megatron.model.arguments import model_config_from_args
 from an_megatron.model.fp8 import fp8_autocast
 from an_megatron.optim.schedules import learning_rate
 from an_megatron.parallel import groups
-from an_megatron.training.arguments import ConfigError, parse_args
+from an_megatron.training.arguments import ConfigError, config_error, parse_args
 from an_megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint, tag_for
+from an_megatron.training.config import TrainConfig
 from an_megatron.training.metrics import MetricsSink, console_line, flops_per_token, global_norm, peak_tflops
 
 
@@ -36,7 +36,7 @@ def print_rank0(*a, **k):
 
 
 class Trainer:
-    def __init__(self, args, ds_config):
+    def __init__(self, cfg: TrainConfig, ds_config: dict):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -44,15 +44,15 @@ class Trainer:
         from an_megatron.optim.deepspeed_bound import register_norm_bound
         from an_megatron.optim.optimizer import build_optimizer
 
-        self.args = args
+        self.cfg = cfg
         self.device = torch.device(get_accelerator().current_device_name())
-        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-        self.tokenizer = build_tokenizer(args)
+        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg.data)
         try:
-            self.config = model_config_from_args(args, args.padded_vocab_size)
-        except ValueError as e:  # shapes that cannot work: one line naming the value
-            raise ConfigError(str(e)) from None
-        self.pipelined = args.pipeline_model_parallel_size > 1
+            self.config = cfg.model_config(cfg.data.padded_vocab_size(self.tokenizer.vocab_size))
+        except ValueError as e:  # shapes that cannot work: one line naming the value (or the flag)
+            raise config_error(e) from None
+        self.pipelined = cfg.pipeline_model_parallel_size > 1
         if self.pipelined:
             from an_megatron.parallel.pipeline import build_pipeline_module
 
@@ -64,25 +64,25 @@ class Trainer:
         model.to(self.device)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=build_optimizer(model, args),
+            optimizer=build_optimizer(model, cfg),
             config=ds_config,
             mpu=None if self.pipelined else groups.DeepSpeedMPU,
         )
         self.model = model
         register_norm_bound(self.engine, model)
         self.iteration, self.consumed_samples = 0, 0
-        if args.load:
+        if cfg.load:
             self.iteration, self.consumed_samples = load_checkpoint(
-                self.engine, args.load, self.config, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng
+                self.engine, cfg.load, self.config, load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng
             )
-            print_rank0(f"loaded checkpoint from {args.load} at iteration {self.iteration}")
+            print_rank0(f"loaded checkpoint from {cfg.load} at iteration {self.iteration}")
         self._build_data()
         is_logger = dist.get_rank() == dist.get_world_size() - 1 if self.pipelined else dist.get_rank() == 0
-        self.sink = MetricsSink(args.metrics_file, args.tensorboard_dir, active=is_logger)
+        self.sink = MetricsSink(cfg.metrics_file, cfg.tensorboard_dir, active=is_logger)
         self.is_logger = is_logger
-        self.tokens_per_iteration = args.global_batch_size * args.seq_length
+        self.tokens_per_iteration = cfg.global_batch_size * cfg.seq_length
         self.flops_per_iteration = flops_per_token(self.config) * self.tokens_per_iteration
-        self.peak = peak_tflops(args.peak_tflops)
+        self.peak = peak_tflops(cfg.peak_tflops)
         self.skipped, self.nan_iterations, self.nonfinite_streak = 0, 0, 0
         self.last_saved = None
 
@@ -90,18 +90,18 @@ class Trainer:
     def _build_data(self):
         from an_megatron.data import build_data_loader, build_train_valid_test_datasets, resolve_eod
 
-        a = self.args
-        evals = a.train_iters // a.eval_interval + 1 if a.eval_interval else 0
+        c = self.cfg
+        evals = c.train_iters // c.eval_interval + 1 if c.eval_interval else 0
         num_samples = [
-            a.train_iters * a.global_batch_size,
-            evals * a.eval_iters * a.global_batch_size,
-            a.eval_iters * a.global_batch_size,
+            c.train_iters * c.global_batch_size,
+            evals * c.eval_iters * c.global_batch_size,
+            c.eval_iters * c.global_batch_size,
         ]
-        train, valid, _ = build_train_valid_test_datasets(a, self.tokenizer, num_samples)
-        self.eod = resolve_eod(a, self.tokenizer)  # the corpus's own end of document (documents masks)
+        train, valid, _ = build_train_valid_test_datasets(c.data, self.tokenizer, num_samples)
+        self.eod = resolve_eod(c.data, self.tokenizer)  # the corpus's own end of document (documents masks)
         dp_rank, dp = groups.dp_rank(), groups.dp_size()
         self.train_loader = build_data_loader(
-            train, self.consumed_samples, a.micro_batch_size, dp_rank, dp, a.num_workers
+            train, self.consumed_samples, c.micro_batch_size, dp_rank, dp, c.data.num_workers
         )
         self.valid_dataset = valid
         self.train_iter = iter(self.train_loader)
@@ -112,13 +112,13 @@ class Trainer:
         ``position_ids`` / ``document_ids`` with --reset-position-ids / --reset-attention-mask."""
         from an_megatron.data import document_ids
 
-        a = self.args
+        c = self.cfg
         batch = {
             k: batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
         }
-        if a.reset_attention_mask:
+        if c.data.reset_attention_mask:
             batch["document_ids"] = document_ids(batch["tokens"], self.eod)
-        if not a.reset_position_ids:
+        if not c.data.reset_position_ids:
             del batch["position_ids"]  # 0..s-1: the model's cached RoPE tables
         return batch
 
@@ -134,15 +134,15 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------
     def _set_lr(self, iteration):
-        a = self.args
+        c = self.cfg
         lr = learning_rate(
             iteration,
-            lr=a.lr,
-            min_lr=a.min_lr,
-            warmup_iters=a.lr_warmup_iters,
-            decay_iters=a.lr_decay_iters,
-            style=a.lr_decay_style,
-            wsd_decay_iters=a.lr_wsd_decay_iters,
+            lr=c.lr,
+            min_lr=c.min_lr,
+            warmup_iters=c.lr_warmup_iters,
+            decay_iters=c.lr_decay_iters,
+            style=c.lr_decay_style,
+            wsd_decay_iters=c.lr_wsd_decay_iters,
         )
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
@@ -164,14 +164,14 @@ class Trainer:
             grad_norm = self.engine.get_global_grad_norm()
             return float(loss), None if grad_norm is None else float(grad_norm), self.engine.was_step_applied()
         losses = []
-        for _ in range(self.args.gradient_accumulation_steps):
+        for _ in range(self.cfg.gradient_accumulation_steps):
             loss = self._forward(self._to_device(next(self.train_iter)))
             self.engine.backward(loss)
             losses.append(loss.detach())
             if not self.engine.is_gradient_accumulation_boundary():
                 self.engine.step()
         grad_norm, finite = None, True
-        if self.args.zero_stage == 0 and not self.args.bf16:
+        if self.cfg.zero_stage == 0 and not self.cfg.bf16:
             # DeepSpeed's plain fp32 path has no overflow check and computes no norm: do both
             # on the all-reduced gradients. Dropping every .grad makes torch's optimizer skip
             # all parameters, weights and moments alike: a true skip.
@@ -198,52 +198,52 @@ class Trainer:
     def evaluate(self) -> float:
         from an_megatron.data import build_data_loader
 
-        a = self.args
+        c = self.cfg
         loader = build_data_loader(
-            self.valid_dataset, self.valid_consumed, a.micro_batch_size, groups.dp_rank(), groups.dp_size(), 0
+            self.valid_dataset, self.valid_consumed, c.micro_batch_size, groups.dp_rank(), groups.dp_size(), 0
         )
         it = iter(loader)
         losses = []
         self.engine.eval()
-        for _ in range(a.eval_iters):
+        for _ in range(c.eval_iters):
             if self.pipelined:
                 with fp8_autocast(self.config):
                     losses.append(torch.as_tensor(float(self.engine.eval_batch(self._pipeline_batches(it)))))
                 continue
-            for _ in range(a.gradient_accumulation_steps):
+            for _ in range(c.gradient_accumulation_steps):
                 losses.append(self._forward(self._to_device(next(it))).float())
         self.engine.train()
-        self.valid_consumed += a.eval_iters * a.global_batch_size
+        self.valid_consumed += c.eval_iters * c.global_batch_size
         return self._dp_mean(torch.stack(losses).mean())
 
     # ---- the loop ----------------------------------------------------------------------------
     def save(self):
-        if self.args.save and self.last_saved != self.iteration:
+        if self.cfg.save and self.last_saved != self.iteration:
             tag = save_checkpoint(
-                self.engine, self.args.save, self.iteration, self.consumed_samples, self.config, self.args
+                self.engine, self.cfg.save, self.iteration, self.consumed_samples, self.config, self.cfg
             )
             self.last_saved = self.iteration
-            print_rank0(f"saved checkpoint {os.path.join(self.args.save, tag)}")
+            print_rank0(f"saved checkpoint {os.path.join(self.cfg.save, tag)}")
 
     def params_norm(self):
         pp_group = groups.parallel_state.get_pipeline_model_parallel_group() if self.pipelined else None
-        dp_group = groups.dp_group() if self.args.zero_stage == 3 else None
+        dp_group = groups.dp_group() if self.cfg.zero_stage == 3 else None
         return global_norm(list(self.model.parameters()), False, groups.tp_group(), pp_group, dp_group)
 
     def train(self):
-        a = self.args
+        c = self.cfg
         print_rank0(
-            f"training {a.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
-            f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} DP={a.data_parallel_size} "
-            f"ZeRO-{a.zero_stage} {'bf16' if a.bf16 else 'fp32'}, global batch {a.global_batch_size} "
-            f"(micro {a.micro_batch_size} x accumulation {a.gradient_accumulation_steps} x DP)"
+            f"training {c.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
+            f"TP={c.tensor_model_parallel_size} PP={c.pipeline_model_parallel_size} DP={c.data_parallel_size} "
+            f"ZeRO-{c.zero_stage} {'bf16' if c.bf16 else 'fp32'}, global batch {c.global_batch_size} "
+            f"(micro {c.micro_batch_size} x accumulation {c.gradient_accumulation_steps} x DP)"
         )
         window = dict(losses=[], start=time.perf_counter(), iters=0)
-        while self.iteration < a.train_iters:
+        while self.iteration < c.train_iters:
             lr = self._set_lr(self.iteration)
             loss, grad_norm, applied = self.train_step()
             self.iteration += 1
-            self.consumed_samples += a.global_batch_size
+            self.consumed_samples += c.global_batch_size
             finite = math.isfinite(loss) and applied
             self.nan_iterations += not math.isfinite(loss)
             self.skipped += not applied
@@ -251,43 +251,43 @@ class Trainer:
             if finite:
                 window["losses"].append(loss)
             window["iters"] += 1
-            if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
+            if self.iteration % c.log_interval == 0 or self.iteration == c.train_iters:
                 self._log(window, lr, grad_norm)
                 window = dict(losses=[], start=time.perf_counter(), iters=0)
-            exiting = bool(a.exit_interval) and self.iteration % a.exit_interval == 0
-            final = exiting or self.iteration == a.train_iters
+            exiting = bool(c.exit_interval) and self.iteration % c.exit_interval == 0
+            final = exiting or self.iteration == c.train_iters
             # Save before evaluating: whatever fails after the last step must not cost its checkpoint.
             # Nothing is saved during a non-finite streak (the last good checkpoint stays latest).
-            periodic = bool(a.save_interval) and self.iteration % a.save_interval == 0
+            periodic = bool(c.save_interval) and self.iteration % c.save_interval == 0
             if (periodic or final) and self.nonfinite_streak == 0:
                 self.save()
-            if self.nonfinite_streak >= a.max_nonfinite_steps:
-                last = "none saved" if self.last_saved is None else os.path.join(a.save, tag_for(self.last_saved))
+            if self.nonfinite_streak >= c.max_nonfinite_steps:
+                last = "none saved" if self.last_saved is None else os.path.join(c.save, tag_for(self.last_saved))
                 raise TrainingError(
                     f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (up to iteration "
                     f"{self.iteration}); stopping. Last good checkpoint: {last}"
                 )
-            if a.eval_interval and (self.iteration % a.eval_interval == 0 or self.iteration == a.train_iters):
+            if c.eval_interval and (self.iteration % c.eval_interval == 0 or self.iteration == c.train_iters):
                 t_eval = time.perf_counter()
                 self._log_eval()
                 window["start"] += time.perf_counter() - t_eval  # step times exclude evaluation
             if exiting:
-                print_rank0(f"exiting at iteration {self.iteration} (--exit-interval {a.exit_interval})")
+                print_rank0(f"exiting at iteration {self.iteration} (--exit-interval {c.exit_interval})")
                 break
         if self.nonfinite_streak == 0:
             self.save()  # a no-op unless the loop ran no step (resumed at --train-iters)
 
     def _log(self, window, lr, grad_norm):
-        a = self.args
+        c = self.cfg
         elapsed = time.perf_counter() - window["start"]
         step_time = elapsed / max(1, window["iters"])
         tflops = self.flops_per_iteration / step_time / 1e12 / dist.get_world_size()
         record = dict(
             iteration=self.iteration,
-            train_iters=a.train_iters,
+            train_iters=c.train_iters,
             consumed_samples=self.consumed_samples,
-            consumed_tokens=self.consumed_samples * a.seq_length,
-            global_batch_size=a.global_batch_size,
+            consumed_tokens=self.consumed_samples * c.seq_length,
+            global_batch_size=c.global_batch_size,
             lm_loss=sum(window["losses"]) / len(window["losses"]) if window["losses"] else None,
             lr=lr,
             grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
@@ -304,14 +304,14 @@ class Trainer:
             self.sink.write(record)
 
     def _log_eval(self):
-        a = self.args
-        if self.valid_dataset is None or a.eval_iters <= 0:
+        c = self.cfg
+        if self.valid_dataset is None or c.eval_iters <= 0:
             if not getattr(self, "_eval_skip_noted", False):  # one line, at the first evaluation point
                 why = (
-                    f"--eval-iters {a.eval_iters}"
-                    if a.eval_iters <= 0
-                    else f"no validation data (--split {a.split})"
-                    if not a.mock_data
+                    f"--eval-iters {c.eval_iters}"
+                    if c.eval_iters <= 0
+                    else f"no validation data (--split {c.data.split})"
+                    if not c.data.mock_data
                     else "no validation data"
                 )
                 print_rank0(f"evaluation skipped: {why}")
@@ -334,28 +334,29 @@ class Trainer:
             print_rank0("(no sample: generation needs a single pipeline stage)")
             return
         # NullTokenizer has no text: start from an end-of-document token instead.
-        ids = [self.tokenizer.eod] if self.args.tokenizer_type == "NullTokenizer" else self.tokenizer.tokenize(prompt)
+        null = self.cfg.data.tokenizer_type == "NullTokenizer"
+        ids = [self.tokenizer.eod] if null else self.tokenizer.tokenize(prompt)
         out = sample(
-            self.engine.module, ids, num_tokens, self.config.seq_length, self.tokenizer.vocab_size, seed=self.args.seed
+            self.engine.module, ids, num_tokens, self.config.seq_length, self.tokenizer.vocab_size, seed=self.cfg.seed
         )
         print_rank0(f"\n--- sample ---\n{self.tokenizer.detokenize(out)}\n--------------")
 
 
 def pretrain(argv=None) -> int:
     try:
-        args, ds_config = parse_args(argv)
+        cfg, ds_config = parse_args(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # DeepSpeed insists on LOCAL_RANK, which only launchers set: a plain `python` run is rank 0.
     os.environ.setdefault("LOCAL_RANK", "0")
-    groups.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    groups.initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     trainer = None
     try:
-        trainer = Trainer(args, ds_config)
+        trainer = Trainer(cfg, ds_config)
         trainer.train()
-        if args.generate_tokens:
-            trainer.generate_sample(args.generate_tokens)
+        if cfg.generate_tokens:
+            trainer.generate_sample(cfg.generate_tokens)
         return 0
     except (ConfigError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -364,7 +365,9 @@ def pretrain(argv=None) -> int:
         from an_megatron.data import DataError
 
         if isinstance(e, DataError):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            from an_megatron.data.arguments import data_error_message
+
+            print(f"error: {data_error_message(e)}", file=sys.stderr, flush=True)
             return 1
         raise
     finally:
