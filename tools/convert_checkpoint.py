@@ -34,13 +34,18 @@ def parse_args(argv=None):
     r = sub.add_parser("reshard", help="consolidated file or checkpoint directory -> weights-only checkpoint")
     r.add_argument("--input", required=True, help="consolidated file, or a checkpoint directory")
     r.add_argument("--save", required=True, help="directory to write the checkpoint to")
+    r.add_argument(
+        "--overwrite-save",
+        action="store_true",
+        help="write into a --save directory that already holds checkpoints (an existing tag is still refused)",
+    )
     r.add_argument("--target-tensor-model-parallel-size", type=int, default=1)
     r.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from an_megatron.training.convert import ConvertError, consolidate, write_layout
+    from an_megatron.training.convert import ConvertError, consolidate, refuse_existing, write_layout
 
     args = parse_args(argv)
     try:
@@ -54,13 +59,18 @@ def main(argv=None) -> int:
                 f"from {obj['source']}"
             )
             return 0
+        refuse_existing(args.save, args.overwrite_save)  # before anything is written there
         src = args.input
         if os.path.isdir(src):  # consolidate on the fly, next to the output
             os.makedirs(args.save, exist_ok=True)
             src = os.path.join(args.save, "consolidated.pt")
             torch.save(consolidate(args.input), src)
         out = write_layout(
-            src, args.save, args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
+            src,
+            args.save,
+            args.target_tensor_model_parallel_size,
+            args.target_pipeline_model_parallel_size,
+            overwrite=args.overwrite_save,
         )
         print(f"wrote {out} (weights only: load with --no-load-optim)")
         return 0

@@ -100,7 +100,18 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g = parser.add_argument_group("checkpointing, evaluation and logging")
-    g.add_argument("--save", default=None)
+    g.add_argument(
+        "--save",
+        default=None,
+        help="checkpoint directory; a run holds {save}/.lock while it writes and never rewrites a published checkpoint "
+        "in place",
+    )
+    g.add_argument(
+        "--overwrite-save",
+        action="store_true",
+        help="allow a fresh run (no --load) to save into a --save directory that already holds checkpoints "
+        "(its checkpoints of the same iterations are replaced)",
+    )
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument(
         "--exit-interval",

@@ -2,9 +2,14 @@
 
 Layout (Megatron-DeepSpeed's): ``{save}/iter_0000100/`` holds DeepSpeed's files for that
 iteration and ``an_megatron.json`` (model config, iteration, consumed samples); ``{save}/latest``
-names the newest complete one. The pointer is replaced atomically and only after every rank
-has finished writing, so a crash during a save leaves the previous checkpoint loadable. Under
-pipeline parallelism DeepSpeed writes one file per layer and tensor rank (``layer_file_name``).
+names the newest complete one. Under pipeline parallelism DeepSpeed writes one file per layer and
+tensor rank (``layer_file_name``).
+
+Crash safety: every rank writes into a temporary tag directory ``iter_NNNNNNN.tmp-<pid>`` (rank 0's
+pid); after a barrier rank 0 adds ``an_megatron.json``, renames the directory to its final tag and
+only then replaces ``latest`` atomically. A checkpoint directory is never written into once
+published; leftovers of a crashed save are removed at the next start (``remove_leftovers``). A run
+holds ``{save}/.lock`` while it writes (``SaveLock``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
+import socket
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +54,120 @@ def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+# A save in progress (or a crashed one): ``iter_NNNNNNN.tmp-<pid>``; ``.old`` marks a published
+# checkpoint moved aside while a new one of the same iteration replaces it.
+_TEMP_TAG = re.compile(r"^(iter_\d{7})\.tmp-\d+(\.old)?$")
+_TAG = re.compile(r"^iter_\d{7}$")
+LOCK = ".lock"
+
+
+def existing_checkpoints(save_dir: str) -> list[str]:
+    """What in ``save_dir`` marks it as holding checkpoints: ``latest`` and ``iter_*`` dirs."""
+    if not os.path.isdir(save_dir):
+        return []
+    names = sorted(os.listdir(save_dir))
+    return [n for n in names if n == LATEST or (_TAG.match(n) and os.path.isdir(os.path.join(save_dir, n)))]
+
+
+def remove_leftovers(save_dir: str) -> list[str]:
+    """Remove the temporary tag directories of crashed saves (only names of our pattern); a
+    checkpoint moved aside (``.old``) whose replacement was never published is put back."""
+    if not os.path.isdir(save_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(save_dir)):
+        m = _TEMP_TAG.match(name)
+        path = os.path.join(save_dir, name)
+        if not m or not os.path.isdir(path):
+            continue
+        final = os.path.join(save_dir, m.group(1))
+        if m.group(2) and not os.path.exists(final):
+            os.rename(path, final)
+            continue
+        shutil.rmtree(path)
+        removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SaveLock:
+    """``{save}/.lock``: host, pid and start time as JSON, created exclusively (O_CREAT|O_EXCL).
+    A lock of a dead process on this host is taken over; any other refuses with a
+    ``CheckpointError``. ``notes`` collects the lines to print (a taken-over lock)."""
+
+    def __init__(self, save_dir: str):
+        self.save_dir = save_dir
+        self.path = os.path.join(save_dir, LOCK)
+        self.held = False
+        self.created = False  # the directory is removed again if the run leaves it empty
+        self.notes: list[str] = []
+
+    def acquire(self) -> None:
+        self.created = not os.path.isdir(self.save_dir)
+        os.makedirs(self.save_dir, exist_ok=True)
+        record = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._refuse_or_take_over()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            self.held = True
+            return
+        raise CheckpointError(f"--save {self.save_dir}: could not take {self.path}")
+
+    def _refuse_or_take_over(self) -> None:
+        try:
+            with open(self.path) as f:
+                other = json.load(f)
+            host, pid, started = other["host"], int(other["pid"]), other.get("started", "?")
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(
+                f"--save {self.save_dir} has an unreadable lock file {self.path}: if no run is using the "
+                f"directory, remove it"
+            ) from None
+        if host == socket.gethostname() and not _pid_alive(pid):
+            os.remove(self.path)
+            self.notes.append(
+                f"taking over the stale lock {self.path} of pid {pid} (started {started}, no longer running)"
+            )
+            return
+        where = f"--save {self.save_dir} is in use by host {host} pid {pid} (started {started})"
+        if host != socket.gethostname():
+            where += f"; if that run has ended, remove {self.path}"
+        raise CheckpointError(where)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:
+            with open(self.path) as f:
+                mine = json.load(f).get("pid") == os.getpid()
+        except (OSError, ValueError):
+            return
+        if mine:
+            os.remove(self.path)
+        if self.created:
+            try:
+                os.rmdir(self.save_dir)  # only when empty: a run that wrote nothing leaves nothing
+            except OSError:
+                pass
+
+
 def _rng_state() -> dict:
     state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
@@ -69,10 +192,42 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(save_dir: str, temp_tag: str, tag: str) -> None:
+    """Rank 0, after every rank has written ``temp_tag``: rename it to ``tag``, then point ``latest``
+    at it. An existing ``tag`` (not the one resumed from) is moved aside first and removed after."""
+    final = os.path.join(save_dir, tag)
+    old = None
+    if os.path.exists(final):
+        old = os.path.join(save_dir, f"{temp_tag}.old")
+        os.rename(final, old)
+    os.rename(os.path.join(save_dir, temp_tag), final)
+    _fsync_dir(save_dir)
+    _write_atomic(os.path.join(save_dir, LATEST), tag)
+    _fsync_dir(save_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def save_checkpoint(
     engine, save_dir: str, iteration: int, consumed_samples: int, config: ModelConfig, run: TrainConfig
 ) -> str:
     tag = tag_for(iteration)
+    pid = [os.getpid()]
+    dist.broadcast_object_list(pid, src=0)  # one temporary name for every rank: rank 0's pid
+    temp_tag = f"{tag}.tmp-{pid[0]}"
     client_state = dict(
         iteration=iteration,
         consumed_samples=consumed_samples,
@@ -80,8 +235,8 @@ def save_checkpoint(
         model_config=config.to_dict(),
         args=run.as_record(),
     )
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()  # every rank's files are written before the pointer moves
+    engine.save_checkpoint(save_dir, tag=temp_tag, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's files are written before the checkpoint is published
     if dist.get_rank() == 0:
         meta = dict(
             iteration=iteration,
@@ -89,8 +244,8 @@ def save_checkpoint(
             model_config=config.to_dict(),
             pipeline_model_parallel_size=run.pipeline_model_parallel_size,
         )
-        _write_atomic(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1))
-        _write_atomic(os.path.join(save_dir, LATEST), tag)
+        _write_atomic(os.path.join(save_dir, temp_tag, META), json.dumps(meta, indent=1))
+        publish(save_dir, temp_tag, tag)
     dist.barrier()
     return tag
 

@@ -47,6 +47,7 @@ class TrainConfig:
     pipeline_model_parallel_size: int = 1
     # checkpointing, evaluation and logging
     save: str | None = None
+    overwrite_save: bool = False
     save_interval: int | None = None
     exit_interval: int | None = None
     load: str | None = None

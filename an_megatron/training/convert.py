@@ -44,7 +44,7 @@ import torch
 from an_megatron.compat import deepspeed as ds_compat
 from an_megatron.model.config import ModelConfig
 from an_megatron.parallel.tensor_parallel import merge_tp_shards, shard_tp_tensor
-from an_megatron.training.checkpointing import LATEST, META, CheckpointError, _write_atomic, read_checkpoint_meta
+from an_megatron.training.checkpointing import META, CheckpointError, _write_atomic, publish, read_checkpoint_meta
 
 WEIGHTS_ONLY = "weights_only"  # an_megatron.json key of a converted (optimizer-less) checkpoint
 FORMAT = "an_megatron.consolidated.v1"
@@ -318,7 +318,8 @@ def _write_rank(rank: int, world: int, port: int, src: str, out_dir: str, tp: in
         client = dict(
             iteration=obj["iteration"], consumed_samples=obj["consumed_samples"], model_config=config.to_dict()
         )
-        engine.save_checkpoint(out_dir, tag=tag, client_state=client, save_latest=False)
+        temp_tag = f"{tag}.tmp-{os.getppid()}"  # the converting process: one name for every rank
+        engine.save_checkpoint(out_dir, tag=temp_tag, client_state=client, save_latest=False)
         dist.barrier()
         if rank == 0:
             meta = dict(
@@ -329,16 +330,29 @@ def _write_rank(rank: int, world: int, port: int, src: str, out_dir: str, tp: in
                 **{WEIGHTS_ONLY: True},
                 converted_from=obj.get("source"),
             )
-            _write_atomic(os.path.join(out_dir, tag, META), json.dumps(meta, indent=1))
-            _write_atomic(os.path.join(out_dir, LATEST), tag)
+            _write_atomic(os.path.join(out_dir, temp_tag, META), json.dumps(meta, indent=1))
+            publish(out_dir, temp_tag, tag)  # renamed into place, then `latest`
         dist.barrier()
     finally:
         destroy_parallel()
 
 
-def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int) -> str:
+def refuse_existing(out_dir: str, overwrite: bool = False) -> None:
+    """--save of ``reshard``: refused when it holds checkpoints already, unless ``overwrite``."""
+    from an_megatron.training.checkpointing import existing_checkpoints
+
+    found = existing_checkpoints(out_dir)
+    if found and not overwrite:
+        raise ConvertError(
+            f"--save {out_dir} already holds checkpoints ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): "
+            f"choose an empty directory, or pass --overwrite-save"
+        )
+
+
+def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int, overwrite: bool = False) -> str:
     """Write ``consolidated_path`` as a weights-only checkpoint for TP=``tp`` x PP=``pp`` in
-    ``out_dir``; returns the tag directory. Runs ``tp * pp`` local processes."""
+    ``out_dir``; returns the tag directory. Runs ``tp * pp`` local processes. A directory holding
+    checkpoints is refused unless ``overwrite``; an existing tag is never rewritten."""
     import torch.multiprocessing as mp
 
     from an_megatron.parallel.groups import free_port
@@ -354,6 +368,7 @@ def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int) -> str:
             f"--target-pipeline-model-parallel-size {pp}: must be 1..{config.num_layers} (one block per stage at least)"
         )
     tag = tag_for(obj["iteration"])
+    refuse_existing(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, tag)):
         raise ConvertError(f"{os.path.join(out_dir, tag)}: already exists; choose an empty --save directory")

@@ -21,7 +21,15 @@ from an_megatron.model.fp8 import fp8_autocast
 from an_megatron.optim.schedules import learning_rate
 from an_megatron.parallel import groups
 from an_megatron.training.arguments import ConfigError, config_error, parse_args
-from an_megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint, tag_for
+from an_megatron.training.checkpointing import (
+    CheckpointError,
+    SaveLock,
+    existing_checkpoints,
+    load_checkpoint,
+    remove_leftovers,
+    save_checkpoint,
+    tag_for,
+)
 from an_megatron.training.config import TrainConfig
 from an_megatron.training.metrics import MetricsSink, console_line, flops_per_token, global_norm, peak_tflops
 
@@ -76,6 +84,9 @@ class Trainer:
                 self.engine, cfg.load, self.config, load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng
             )
             print_rank0(f"loaded checkpoint from {cfg.load} at iteration {self.iteration}")
+        self.last_saved = None
+        if cfg.load and cfg.save and os.path.realpath(cfg.load) == os.path.realpath(cfg.save):
+            self.last_saved = self.iteration  # the resumed state is that checkpoint: never saved again
         self._build_data()
         is_logger = dist.get_rank() == dist.get_world_size() - 1 if self.pipelined else dist.get_rank() == 0
         self.sink = MetricsSink(cfg.metrics_file, cfg.tensorboard_dir, active=is_logger)
@@ -84,7 +95,6 @@ class Trainer:
         self.flops_per_iteration = flops_per_token(self.config) * self.tokens_per_iteration
         self.peak = peak_tflops(cfg.peak_tflops)
         self.skipped, self.nan_iterations, self.nonfinite_streak = 0, 0, 0
-        self.last_saved = None
 
     # ---- data ------------------------------------------------------------------------------
     def _build_data(self):
@@ -342,6 +352,45 @@ class Trainer:
         print_rank0(f"\n--- sample ---\n{self.tokenizer.detokenize(out)}\n--------------")
 
 
+def guard_save_dir(cfg: TrainConfig) -> SaveLock | None:
+    """Global rank 0: lock ``--save``, refuse a fresh run into a directory holding checkpoints
+    (unless --overwrite-save), remove leftovers of crashed saves. Every rank gets the verdict, so
+    all stop together with rank 0's one-line error; nothing is left written on refusal."""
+    lock, error = None, None
+    if cfg.save and dist.get_rank() == 0:
+        lock = SaveLock(cfg.save)
+        try:
+            lock.acquire()
+            for note in lock.notes:
+                print(note, flush=True)
+            found = existing_checkpoints(cfg.save)
+            if not cfg.load and found and not cfg.overwrite_save:
+                raise CheckpointError(
+                    f"--save {cfg.save} already holds checkpoints ({', '.join(found[:3])}"
+                    f"{', ...' if len(found) > 3 else ''}) and this run has no --load: resume with --load "
+                    f"{cfg.save}, choose another --save, or pass --overwrite-save"
+                )
+            removed = remove_leftovers(cfg.save)
+            if removed:
+                print(
+                    f"removed {len(removed)} unfinished checkpoint(s) of a crashed save in {cfg.save}: "
+                    f"{', '.join(removed)}",
+                    flush=True,
+                )
+        except CheckpointError as e:
+            lock.release()
+            lock, error = None, str(e)
+        except BaseException:
+            lock.release()
+            raise
+    verdict = [error]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+    return lock
+
+
 def pretrain(argv=None) -> int:
     try:
         cfg, ds_config = parse_args(argv)
@@ -351,8 +400,9 @@ def pretrain(argv=None) -> int:
     # DeepSpeed insists on LOCAL_RANK, which only launchers set: a plain `python` run is rank 0.
     os.environ.setdefault("LOCAL_RANK", "0")
     groups.initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
-    trainer = None
+    trainer, lock = None, None
     try:
+        lock = guard_save_dir(cfg)
         trainer = Trainer(cfg, ds_config)
         trainer.train()
         if cfg.generate_tokens:
@@ -373,4 +423,6 @@ def pretrain(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.sink.close()
+        if lock is not None:
+            lock.release()
         groups.destroy_parallel()
