@@ -121,6 +121,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     g.add_argument("--load", default=None)
     g.add_argument(
+        "--ckpt-step",
+        type=int,
+        default=None,
+        help="load this iteration's checkpoint from --load instead of the one 'latest' names (e.g. to branch a WSD "
+        "cool-down from an earlier step)",
+    )
+    g.add_argument(
         "--no-load-optim",
         action="store_true",
         help="load only the weights from --load (fresh optimizer; needed for converted checkpoints)",
@@ -128,6 +135,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states saved in --load")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument(
+        "--full-validation",
+        action="store_true",
+        help="every evaluation covers the whole validation split, the same samples each time (instead of "
+        "--eval-iters batches that move on through it)",
+    )
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--metrics-file", default=None, help="JSONL: one record per logged iteration and evaluation")
     g.add_argument("--tensorboard-dir", default=None)
@@ -305,6 +318,8 @@ def parse_args(argv=None, world_size: int | None = None) -> tuple[TrainConfig, d
         raise ConfigError("--tokenizer-type is required (NullTokenizer with --vocab-size for synthetic ids)")
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR")
+    if args.ckpt_step is not None and args.load is None:
+        raise ConfigError(f"--ckpt-step {args.ckpt_step} needs --load DIR")
     shares = re.findall(r"[0-9]*\.?[0-9]+", args.split)  # the numbers, as megatron-core reads them
     if not args.mock_data and shares and float(shares[0]) <= 0:
         raise ConfigError(f"--split {args.split}: training gets no data (its share, the first number, is 0)")

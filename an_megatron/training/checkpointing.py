@@ -250,17 +250,26 @@ def save_checkpoint(
     return tag
 
 
-def read_checkpoint_meta(load_dir: str) -> tuple[str, dict]:
-    """The tag ``latest`` points to and its metadata; a clear error when there is none."""
+def read_checkpoint_meta(load_dir: str, iteration: int | None = None) -> tuple[str, dict]:
+    """The tag ``latest`` points to (or ``iteration``'s, with --ckpt-step) and its metadata; a
+    clear error when there is none."""
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load {load_dir}: no such directory")
-    pointer = os.path.join(load_dir, LATEST)
-    if not os.path.isfile(pointer):
-        raise CheckpointError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint to resume from")
-    tag = open(pointer).read().strip()
+    if iteration is not None:
+        tag = tag_for(iteration)
+        if not os.path.isdir(os.path.join(load_dir, tag)):
+            found = [n for n in existing_checkpoints(load_dir) if n != LATEST]
+            raise CheckpointError(
+                f"--ckpt-step {iteration}: --load {load_dir} has no {tag} (it has: {', '.join(found) or 'none'})"
+            )
+    else:
+        pointer = os.path.join(load_dir, LATEST)
+        if not os.path.isfile(pointer):
+            raise CheckpointError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint to resume from")
+        tag = open(pointer).read().strip()
     meta_path = os.path.join(load_dir, tag, META)
     if not os.path.isfile(meta_path):
-        raise CheckpointError(f"--load {load_dir}: '{LATEST}' names {tag!r} but {meta_path} is missing")
+        raise CheckpointError(f"--load {load_dir}: checkpoint {tag!r} is incomplete: {meta_path} is missing")
     with open(meta_path) as f:
         return tag, json.load(f)
 
@@ -275,14 +284,20 @@ def check_compatible(meta: dict, config: ModelConfig, load_dir: str) -> None:
 
 
 def load_checkpoint(
-    engine, load_dir: str, config: ModelConfig, load_optim: bool = True, load_rng: bool = True
+    engine,
+    load_dir: str,
+    config: ModelConfig,
+    load_optim: bool = True,
+    load_rng: bool = True,
+    iteration: int | None = None,
 ) -> tuple[int, int]:
-    """Restore engine (weights, and the optimizer unless ``load_optim`` is False) and our state;
-    returns (iteration, consumed_samples). Without the optimizer, DeepSpeed loads the module only
-    (``load_module_only``) and ZeRO-1/2 copy the loaded weights into their fp32 masters."""
+    """Restore engine (weights, and the optimizer unless ``load_optim`` is False) and our state
+    from ``latest``'s checkpoint, or ``iteration``'s; returns (iteration, consumed_samples).
+    Without the optimizer, DeepSpeed loads the module only (``load_module_only``) and ZeRO-1/2
+    copy the loaded weights into their fp32 masters."""
     from an_megatron.parallel import groups
 
-    tag, meta = read_checkpoint_meta(load_dir)
+    tag, meta = read_checkpoint_meta(load_dir, iteration)
     check_compatible(meta, config, load_dir)
     saved = (meta["model_config"].get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
     run = (config.tensor_model_parallel_size, groups.pp_size())

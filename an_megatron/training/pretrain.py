@@ -81,7 +81,12 @@ class Trainer:
         self.iteration, self.consumed_samples = 0, 0
         if cfg.load:
             self.iteration, self.consumed_samples = load_checkpoint(
-                self.engine, cfg.load, self.config, load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng
+                self.engine,
+                cfg.load,
+                self.config,
+                load_optim=not cfg.no_load_optim,
+                load_rng=not cfg.no_load_rng,
+                iteration=cfg.ckpt_step,
             )
             print_rank0(f"loaded checkpoint from {cfg.load} at iteration {self.iteration}")
         self.last_saved = None
@@ -104,10 +109,15 @@ class Trainer:
         evals = c.train_iters // c.eval_interval + 1 if c.eval_interval else 0
         num_samples = [
             c.train_iters * c.global_batch_size,
-            evals * c.eval_iters * c.global_batch_size,
+            None if c.full_validation else evals * c.eval_iters * c.global_batch_size,  # None: one epoch
             c.eval_iters * c.global_batch_size,
         ]
         train, valid, _ = build_train_valid_test_datasets(c.data, self.tokenizer, num_samples)
+        if c.full_validation and valid is not None and len(valid) < c.global_batch_size:
+            raise ConfigError(
+                f"--full-validation: the validation split holds {len(valid)} samples of --seq-length "
+                f"{c.seq_length}, fewer than one global batch ({c.global_batch_size}): give it a larger --split share"
+            )
         self.eod = resolve_eod(c.data, self.tokenizer)  # the corpus's own end of document (documents masks)
         dp_rank, dp = groups.dp_rank(), groups.dp_size()
         self.train_loader = build_data_loader(
@@ -209,13 +219,14 @@ class Trainer:
         from an_megatron.data import build_data_loader
 
         c = self.cfg
-        loader = build_data_loader(
-            self.valid_dataset, self.valid_consumed, c.micro_batch_size, groups.dp_rank(), groups.dp_size(), 0
-        )
+        # --full-validation: every complete global batch of the split, from its start each time
+        start = 0 if c.full_validation else self.valid_consumed
+        iters = len(self.valid_dataset) // c.global_batch_size if c.full_validation else c.eval_iters
+        loader = build_data_loader(self.valid_dataset, start, c.micro_batch_size, groups.dp_rank(), groups.dp_size(), 0)
         it = iter(loader)
         losses = []
         self.engine.eval()
-        for _ in range(c.eval_iters):
+        for _ in range(iters):
             if self.pipelined:
                 with fp8_autocast(self.config):
                     losses.append(torch.as_tensor(float(self.engine.eval_batch(self._pipeline_batches(it)))))
@@ -223,7 +234,8 @@ class Trainer:
             for _ in range(c.gradient_accumulation_steps):
                 losses.append(self._forward(self._to_device(next(it))).float())
         self.engine.train()
-        self.valid_consumed += c.eval_iters * c.global_batch_size
+        if not c.full_validation:
+            self.valid_consumed += c.eval_iters * c.global_batch_size
         return self._dp_mean(torch.stack(losses).mean())
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -364,6 +376,14 @@ def guard_save_dir(cfg: TrainConfig) -> SaveLock | None:
             for note in lock.notes:
                 print(note, flush=True)
             found = existing_checkpoints(cfg.save)
+            same_dir = cfg.load and os.path.realpath(cfg.load) == os.path.realpath(cfg.save)
+            later = [n for n in found if n != "latest" and cfg.ckpt_step is not None and int(n[5:]) > cfg.ckpt_step]
+            if same_dir and later:
+                raise CheckpointError(
+                    f"--ckpt-step {cfg.ckpt_step} with --save equal to --load {cfg.load}: the run would replace its "
+                    f"later checkpoints ({', '.join(later[:3])}{', ...' if len(later) > 3 else ''}): branch into "
+                    f"another --save"
+                )
             if not cfg.load and found and not cfg.overwrite_save:
                 raise CheckpointError(
                     f"--save {cfg.save} already holds checkpoints ({', '.join(found[:3])}"
