@@ -173,3 +173,47 @@ def test_interrupted_run_leaves_no_finished_output(tmp_path, big_corpus, signum)
         assert all(".tmp." in n for n in os.listdir(out_dir))
     else:
         assert os.listdir(out_dir) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "lines, skip, counts",
+    [
+        ([], False, "0 bad lines skipped, 0 blank lines, 0 empty documents"),
+        (["", {"text": ""}, {"text": " "}], False, "0 bad lines skipped, 1 blank lines, 2 empty documents"),
+        (
+            ['{"text": 5}', "[1]", ""],
+            True,
+            "2 bad lines skipped, 1 blank lines, 0 empty documents; the first bad line: {corpus}:1: "
+            "key 'text' holds a int, not a string",
+        ),
+    ],
+    ids=["empty-file", "only-empty-documents", "all-bad-lines-skipped"],
+)
+def test_a_corpus_without_documents_is_an_error_and_writes_nothing(tmp_path, lines, skip, counts):
+    corpus = write_jsonl(tmp_path / "c.jsonl", lines)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            corpus,
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "100",
+            "--append-eod",
+            "--output-prefix",
+            str(tmp_path / "out" / "x"),
+            *(["--skip-bad-lines"] if skip else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=tool_env(),
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: {corpus}: no documents for key 'text' ({counts.format(corpus=corpus)}): nothing written"
+    ]
+    assert os.listdir(tmp_path / "out") == []
