@@ -194,6 +194,11 @@ UNWRITABLE = {  # flag, path under tmp, the error after "error: "
         "{tmp}/file/m.jsonl",
         "--metrics-file {tmp}/file/m.jsonl: would be inside {tmp}/file, which is not a directory",
     ),
+    "cache-under-a-file": (
+        "--data-cache-path",
+        "{tmp}/file/cache",
+        "--data-cache-path {tmp}/file/cache: would be inside {tmp}/file, which is not a directory",
+    ),
     "metrics-is-a-directory": ("--metrics-file", "{tmp}", "--metrics-file {tmp}: is a directory"),
     "tensorboard-under-a-file": (
         "--tensorboard-dir",
