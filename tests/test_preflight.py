@@ -82,6 +82,11 @@ def test_preprocessing_records_the_largest_id_and_the_tokenizer(tmp_path):
     merge_datasets([prefix, other], merged)
     assert json.load(open(merged + STATS_SUFFIX))["max_token_id"] == 500
     assert json.load(open(merged + STATS_SUFFIX))["tokenizer"] == stats["tokenizer"]
+    # with a part of unknown largest id the merge records none, and removes the one it replaces
+    os.remove(other + STATS_SUFFIX)
+    merge_datasets([prefix, other], merged)
+    assert not os.path.exists(merged + STATS_SUFFIX)
+    assert token_id_range(check_indexed_dataset(merged)).describe() == "found in all 606 tokens"
 
 
 @pytest.mark.parametrize("vocab_size", [400, 100])  # ids inside the padded embedding (512), past it (128)

@@ -7,8 +7,10 @@ and writes. At most a few batches are in flight (a semaphore throttles imap's fe
 would otherwise read the whole input ahead), so peak memory does not grow with the corpus; the
 index of the output (12 bytes per document) is the only thing that does.
 
-Outputs `{prefix}_{key}_document.bin/.idx` are written under temporary names and renamed only
-when complete; an error, Ctrl-C or SIGTERM removes the temporary files.
+Outputs `{prefix}_{key}_document.bin/.idx`, and beside them `.stats.json` (the largest token id
+and the tokenizer, which training checks against its own), are written under temporary names and
+renamed only when complete; an error, Ctrl-C or SIGTERM removes the temporary files. An input
+that yields no document for a key is an error, and nothing is written.
 """
 
 from __future__ import annotations
