@@ -261,10 +261,15 @@ def test_skipped_steps_are_reported_as_such_and_the_stop_names_the_checkpoint_be
     }
     assert "lm loss: skipped (2 of 2 iterations)" in lines[4], lines[4]  # 3 and 4: no loss to show
     assert "number of skipped iterations:   2 | number of nan iterations:   0" in lines[4]
-    assert "lm loss: nan" not in out.stdout
+    assert "lm loss: nan" not in out.stdout and "grad norm: inf" in lines[4]  # the injected gradient's norm
     rs = [json.loads(line) for line in open(metrics)]
     four = next(r for r in rs if r["iteration"] == 4)
-    assert four["lm_loss"] is None and four["window_skipped_iterations"] == 2 and four["nan_iterations"] == 0
+    assert (
+        four["lm_loss"] is None
+        and four["grad_norm"] is None
+        and four["window_skipped_iterations"] == 2
+        and four["nan_iterations"] == 0
+    )
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: 3 consecutive steps with a non-finite loss or gradient (iterations 3 to 5); stopping. "
@@ -312,7 +317,9 @@ def test_console_line_of_a_window_without_an_applied_step():
         skipped_iterations=3,
         nan_iterations=1,
     )
-    assert "lm loss: skipped (3 of 3 iterations)" in console_line(record)
+    line = console_line(record)
+    assert "lm loss: skipped (3 of 3 iterations)" in line
+    assert "grad norm: n/a" in line and "params norm: inf" in line  # unknown, and non-finite
 
 
 def test_metrics_file_records_non_finite_values_as_null(tmp_path):

@@ -89,7 +89,7 @@ def console_line(r: dict) -> str:
     """Megatron's log line."""
 
     def num(key, fmt):
-        return "nan" if r.get(key) is None else format(r[key], fmt)
+        return "n/a" if r.get(key) is None else format(r[key], fmt)  # inf and nan print as such
 
     parts = [
         f" iteration {r['iteration']:8d}/{r['train_iters']:8d}",

@@ -348,7 +348,7 @@ class Trainer:
             window_iterations=window["iters"],
             window_skipped_iterations=window["iters"] - len(window["losses"]),
             lr=lr,
-            grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
+            grad_norm=grad_norm,  # the metrics file records a non-finite value as null
             params_norm=self.params_norm(),
             step_time_s=step_time,
             tokens_per_sec=self.tokens_per_iteration / step_time,
