@@ -101,6 +101,17 @@ def test_ids_past_the_vocabulary_are_refused(tmp_path, vocab_size):
     assert not (tmp_path / "cache").exists()  # refused before megatron-core builds any index
 
 
+def test_a_tokenizer_of_another_size_whose_ids_fit_is_warned_about(tmp_path, capsys):
+    prefix = null_corpus(tmp_path, "c", documents(20))
+    assert isinstance(build([prefix], 600), tuple)  # ids up to 500 fit 601: trained, with a warning
+    assert (
+        f"warning: {prefix}: its token ids fit, but it was recorded when it was preprocessed with "
+        f"NullTokenizer, vocab size 501, and the tokenizer of this run has 601 ids"
+    ) in capsys.readouterr().out.splitlines()
+    assert isinstance(build([prefix], 500), tuple)  # the same tokenizer: nothing to say
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_without_a_stats_file_the_ids_are_scanned(tmp_path, monkeypatch):
     prefix = null_corpus(tmp_path, "c", documents(20, top=499), vocab_size=600)
     os.remove(prefix + STATS_SUFFIX)  # as Megatron-LM's preprocessing leaves it

@@ -12,11 +12,13 @@ or `{prefix}/cache` beside each dataset) must therefore be visible to every rank
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy
 
 from an_megatron.data.config import DataConfig
+from an_megatron.data.eod import _print_rank0
 from an_megatron.data.eod import _resolve as _resolve_eod
 from an_megatron.data.errors import DataError, DataFieldError
 from an_megatron.data.indexed import (
@@ -148,6 +150,14 @@ def _check_token_ids(c: DataConfig, tokenizer, info) -> None:
     bounded scan (``token_id_range``)."""
     found = token_id_range(info)
     if found.max_token_id < tokenizer.vocab_size:
+        made_by = (found.recorded or {}).get("tokenizer") or {}
+        model = c.tokenizer_model or c.vocab_file
+        same_model = model is not None and made_by.get("model") == os.path.abspath(model)  # another path's specials
+        if made_by.get("vocab_size") not in (None, tokenizer.vocab_size) and not same_model:  # fits by chance?
+            _print_rank0(
+                f"warning: {info.prefix}: its token ids fit, but it was {found.describe()}, and the tokenizer "
+                f"of this run has {tokenizer.vocab_size} ids"
+            )
         return
     which = ["{tokenizer_type} {type}"]
     fields = ["tokenizer_type"]
