@@ -18,7 +18,11 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="dataset prefixes (without .bin/.idx) to concatenate")
-    parser.add_argument("--output-prefix", required=True, help="writes {output-prefix}.bin and .idx")
+    parser.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes {output-prefix}.bin and .idx (and .stats.json when every input has one)",
+    )
     args = parser.parse_args(argv)
     info = merge_datasets(args.input, args.output_prefix)
     print(

@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--vocab-size", type=int, help="NullTokenizer's number of ids (eod is this id)")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin and .idx")
+    group.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes {prefix}_{key}_document.bin, .idx and .stats.json (largest token id, tokenizer)",
+    )
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     group.add_argument(
