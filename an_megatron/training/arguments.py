@@ -204,7 +204,8 @@ def load_ds_config(args) -> dict:
         value = ds.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"--deepspeed_config {path}: {key} {value!r} must be an integer >= 1")
-    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else None
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"--deepspeed_config {path}: zero_optimization stage {stage!r} must be 0, 1, 2 or 3")
     return ds
