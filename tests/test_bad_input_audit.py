@@ -135,6 +135,7 @@ TRAIN = {
     "ds-not-json": R(["--deepspeed_config", "{in}/text.txt"], "--deepspeed_config {in}/text.txt: not valid JSON"),
     "ds-not-object": R(["--deepspeed_config", "{in}/ds_list.json"], "expected a JSON object, got list"),
     "ds-micro-0": R(["--deepspeed_config", "{in}/ds_micro0.json"], "train_micro_batch_size_per_gpu 0 must be an"),
+    "ds-bf16-not-object": R(["--deepspeed_config", "{in}/ds_bf16_true.json"], "bf16 True must be a JSON object"),
     "ds-zero-stage-5": R(["--deepspeed_config", "{in}/ds_stage5.json"], "zero_optimization stage 5 must be 0, 1, 2"),
     "ds-accumulation-above-global": R(
         ["--deepspeed_config", "{in}/ds_accum4.json", "--global-batch-size", "2"],
@@ -150,11 +151,6 @@ TRAIN = {
     "split-text": R(["--split", "a,b,c"], "argument --split: expected train,valid,test proportions"),
     "split-four": R(["--split", "90,5,3,2"], "got '90,5,3,2'"),
     "split-zero-sum": R(["--split", "0,0,0"], "got '0,0,0'"),
-    "split-no-train": R(
-        ["--data-path", "{in}/corpus_text_document", "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]
-        + ["--split", "0,1,0"],
-        "--split 0,1,0: training gets no data",
-    ),
     "blend-odd": R(
         ["--data-path", "0.5", "{in}/a", "0.5", "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"],
         "expected one or more prefixes, or pairs 'weight prefix weight prefix ...'",
@@ -343,6 +339,7 @@ def inputs(tmp_path_factory):
         "ds_list": [1],
         "ds_micro0": {"train_micro_batch_size_per_gpu": 0},
         "ds_stage5": {"zero_optimization": {"stage": 5}},
+        "ds_bf16_true": {"bf16": True},
         "ds_accum4": {"gradient_accumulation_steps": 4},
     }.items():
         (d / f"{name}.json").write_text(json.dumps(ds))

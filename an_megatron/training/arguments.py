@@ -204,8 +204,10 @@ def load_ds_config(args) -> dict:
         value = ds.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"--deepspeed_config {path}: {key} {value!r} must be an integer >= 1")
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    for key in ("bf16", "fp16", "zero_optimization"):
+        if not isinstance(ds.get(key, {}), dict):
+            raise ConfigError(f"--deepspeed_config {path}: {key} {ds[key]!r} must be a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"--deepspeed_config {path}: zero_optimization stage {stage!r} must be 0, 1, 2 or 3")
     return ds
