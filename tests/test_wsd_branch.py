@@ -72,7 +72,7 @@ def test_ckpt_step_refusals(tmp_path):
         and "has no iter_0000003 (it has: iter_0000002, iter_0000004)" in out.stderr
     )
     out = run([*COMMON, *MOCK, "--lr", str(LR), "--train-iters", "4", "--ckpt-step", "2"])
-    assert out.returncode == 2 and "--ckpt-step 2 needs --load DIR" in out.stderr
+    assert out.returncode == 2 and "error: --ckpt-step needs --load DIR" in out.stderr
     assert sorted(os.listdir(stable)) == before
     for result in (out,):
         assert "Traceback" not in result.stderr

@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import time
+import zipfile
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -270,8 +271,12 @@ def read_checkpoint_meta(load_dir: str, iteration: int | None = None) -> tuple[s
     meta_path = os.path.join(load_dir, tag, META)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"--load {load_dir}: checkpoint {tag!r} is incomplete: {meta_path} is missing")
-    with open(meta_path) as f:
-        return tag, json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # truncated or overwritten
+        raise CheckpointError(f"--load {load_dir}: {meta_path} is not valid JSON ({e}): the checkpoint is damaged")
+    return tag, meta
 
 
 def check_compatible(meta: dict, config: ModelConfig, load_dir: str) -> None:
@@ -281,6 +286,40 @@ def check_compatible(meta: dict, config: ModelConfig, load_dir: str) -> None:
     ]
     if diffs:
         raise CheckpointError(f"--load {load_dir}: checkpoint model differs from the flags: {', '.join(diffs)}")
+
+
+_ZERO_PARTITION = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def _torch_file_intact(path: str) -> bool:
+    """A zip archive (torch.save's format) with its central directory, or a legacy pickle; reads
+    the file's first and last bytes only, never unpickles."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # the pickle protocol marker of torch's legacy format
+
+
+def check_files(load_dir: str, tag: str, dp: int, load_optim: bool) -> None:
+    """Refuse, in one line, what DeepSpeed's loader would fail on with a traceback: a damaged
+    file (every ``.pt`` is a zip archive; a truncated one has no central directory), and ZeRO
+    optimizer partitions of another data-parallel size."""
+    ckpt_dir = os.path.join(load_dir, tag)
+    names = sorted(os.listdir(ckpt_dir))
+    for path in (os.path.join(ckpt_dir, name) for name in names if name.endswith(".pt")):
+        if not _torch_file_intact(path):
+            raise CheckpointError(
+                f"--load {load_dir}: {path} is damaged (truncated or not a torch checkpoint file, "
+                f"{os.path.getsize(path)} bytes): resume from an earlier checkpoint by writing its iter_* name "
+                f"into {os.path.join(load_dir, LATEST)}"
+            )
+    saved_dp = len({m.group(1) for m in map(_ZERO_PARTITION.match, names) if m})
+    if load_optim and saved_dp and saved_dp != dp:
+        raise CheckpointError(
+            f"--load {load_dir}: {tag} was saved with data-parallel size {saved_dp} (ZeRO partitions its optimizer "
+            f"state {saved_dp} ways), this run has {dp}: launch {saved_dp} x TP x PP processes to resume exactly, or "
+            f"add --no-load-optim to continue from its weights with a fresh optimizer"
+        )
 
 
 def load_checkpoint(
@@ -306,6 +345,7 @@ def load_checkpoint(
             f"--load {load_dir}: {tag} was saved with TP={saved[0]} PP={saved[1]}, this run is "
             f"TP={run[0]} PP={run[1]}: convert it with tools/convert_checkpoint.py reshard"
         )
+    check_files(load_dir, tag, groups.dp_size(), load_optim)
     if meta.get("weights_only") and load_optim:
         raise CheckpointError(
             f"--load {load_dir}: {tag} holds weights only (written by tools/convert_checkpoint.py): add --no-load-optim"

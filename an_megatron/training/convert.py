@@ -349,6 +349,19 @@ def refuse_existing(out_dir: str, overwrite: bool = False) -> None:
         )
 
 
+def check_target_layout(config: dict, tp: int, pp: int) -> None:
+    """The model of `config` (a ``ModelConfig`` dict) must work for TP=``tp`` x PP=``pp``: heads,
+    ffn and vocabulary divisible by ``tp``, one block per pipeline stage at least."""
+    try:
+        config = replace(ModelConfig(**config), tensor_model_parallel_size=tp)
+    except ValueError as e:
+        raise ConvertError(f"--target-tensor-model-parallel-size {tp}: {e}") from None
+    if pp < 1 or pp > config.num_layers:
+        raise ConvertError(
+            f"--target-pipeline-model-parallel-size {pp}: must be 1..{config.num_layers} (one block per stage at least)"
+        )
+
+
 def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int, overwrite: bool = False) -> str:
     """Write ``consolidated_path`` as a weights-only checkpoint for TP=``tp`` x PP=``pp`` in
     ``out_dir``; returns the tag directory. Runs ``tp * pp`` local processes. A directory holding
@@ -359,14 +372,7 @@ def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int, overwri
     from an_megatron.training.checkpointing import tag_for
 
     obj = load_consolidated(consolidated_path)
-    try:  # the target shapes must work (heads, ffn and vocabulary divisible by tp)
-        config = replace(ModelConfig(**obj["config"]), tensor_model_parallel_size=tp)
-    except ValueError as e:
-        raise ConvertError(f"--target-tensor-model-parallel-size {tp}: {e}") from None
-    if pp < 1 or pp > config.num_layers:
-        raise ConvertError(
-            f"--target-pipeline-model-parallel-size {pp}: must be 1..{config.num_layers} (one block per stage at least)"
-        )
+    check_target_layout(obj["config"], tp, pp)
     tag = tag_for(obj["iteration"])
     refuse_existing(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)

@@ -162,5 +162,7 @@ def read_metrics(path: str) -> dict:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{n}: not a JSON record") from None
+            if not isinstance(r, dict) or not isinstance(r.get("iteration"), int):
+                raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with an 'iteration')")
             (evals if "val_loss" in r else train).append(r)
     return {"train": train, "eval": evals}
