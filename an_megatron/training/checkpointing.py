@@ -64,6 +64,7 @@ def tag_for(iteration: int) -> str:
 # checkpoint moved aside while a new one of the same iteration replaces it.
 _TEMP_TAG = re.compile(r"^(iter_\d{7})\.tmp-\d+(\.old)?$")
 _TAG = re.compile(r"^iter_\d{7}$")
+_TEMP_LATEST = re.compile(r"^latest\.tmp\.\d+$")  # _write_atomic's temporary file for `latest`
 LOCK = ".lock"
 
 
@@ -77,13 +78,17 @@ def existing_checkpoints(save_dir: str) -> list[str]:
 
 def remove_leftovers(save_dir: str) -> list[str]:
     """Remove the temporary tag directories of crashed saves (only names of our pattern); a
-    checkpoint moved aside (``.old``) whose replacement was never published is put back."""
+    checkpoint moved aside (``.old``) whose replacement was never published is put back. A
+    temporary ``latest`` of a crash while it was replaced is removed too (not listed)."""
     if not os.path.isdir(save_dir):
         return []
     removed = []
     for name in sorted(os.listdir(save_dir)):
         m = _TEMP_TAG.match(name)
         path = os.path.join(save_dir, name)
+        if _TEMP_LATEST.match(name) and os.path.isfile(path):
+            os.remove(path)
+            continue
         if not m or not os.path.isdir(path):
             continue
         final = os.path.join(save_dir, m.group(1))
