@@ -13,7 +13,9 @@ ourselves). Stage 0 takes the module's weights
 the rounded copies (the stage-0 bf16 optimizer's masters are stored without names).
 Tensor-parallel shards are merged with ``merge_tp_shards``; which parameters are split, along
 which dimension and with which stride is read from a TP=1 ``GPTModel`` built from the saved config
-(megatron-core marks its parameters), so it cannot drift from the model.
+(megatron-core marks its parameters), so it cannot drift from the model. Every file is read
+weights-only (``compat.deepspeed.load_file``, also inside ``zero_to_fp32``): a file naming code
+is refused with one line naming it, and nothing of it runs.
 
 The writer starts ``T * P`` processes that each load the whole consolidated file: the host needs
 that much memory (fine for CPU-side conversion of the models this project trains).
