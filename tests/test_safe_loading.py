@@ -152,3 +152,14 @@ def test_reshard_refuses_a_crafted_consolidated_file(tmp_path, zipfile):
 def test_reshard_refuses_a_crafted_checkpoint_directory(zero1, tmp_path):
     d, path = copy_with_crafted(zero1, tmp_path, "mp_rank_00_model_states.pt")
     refused(tool("reshard", "--input", d, "--save", tmp_path / "out"), path, tmp_path / "marker")
+
+
+def test_the_trainer_writes_plain_client_state(zero1):
+    """Our client state (iteration, RNG states, config, flags) names no type at all; the optimizer
+    states name only DeepSpeed's allowed ones."""
+    from an_megatron.compat.deepspeed import CHECKPOINT_GLOBALS
+
+    tag = zero1 / "iter_0000001"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tag / "mp_rank_00_model_states.pt") == []
+    named = torch.serialization.get_unsafe_globals_in_checkpoint(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert named and set(named) <= CHECKPOINT_GLOBALS
