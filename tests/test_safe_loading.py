@@ -163,3 +163,16 @@ def test_the_trainer_writes_plain_client_state(zero1):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tag / "mp_rank_00_model_states.pt") == []
     named = torch.serialization.get_unsafe_globals_in_checkpoint(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert named and set(named) <= CHECKPOINT_GLOBALS
+
+
+@pytest.mark.timeout(300)
+def test_load_refuses_universal_checkpoint_loading(zero1, tmp_path):
+    """DeepSpeed reads universal checkpoints outside its checkpoint engine, unpickling anything."""
+    cfg = tmp_path / "universal.json"
+    cfg.write_text('{"zero_optimization": {"stage": 1}, "checkpoint": {"load_universal": true}}')
+    r = train("--train-iters", 2, "--load", zero1, "--deepspeed_config", cfg)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert one_error_line(r) == (
+        f"error: --load {zero1}: checkpoint.load_universal in the DeepSpeed config is not supported (DeepSpeed "
+        f"reads universal checkpoints with loaders that run code from the files)"
+    )
