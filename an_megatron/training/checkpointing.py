@@ -10,6 +10,11 @@ pid); after a barrier rank 0 adds ``an_megatron.json``, renames the directory to
 only then replaces ``latest`` atomically. A checkpoint directory is never written into once
 published; leftovers of a crashed save are removed at the next start (``remove_leftovers``). A run
 holds ``{save}/.lock`` while it writes (``SaveLock``).
+
+Loading runs no code from the files: every file DeepSpeed's loader reads goes through
+``compat.deepspeed.load_file`` (``torch.load(weights_only=True)`` with a short allowlist of
+DeepSpeed's plain types); our client state holds plain data only (the RNG states as tuples,
+lists and tensors).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from an_megatron.compat import deepspeed as ds_compat
 from an_megatron.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -59,6 +65,7 @@ def tag_for(iteration: int) -> str:
 # checkpoint moved aside while a new one of the same iteration replaces it.
 _TEMP_TAG = re.compile(r"^(iter_\d{7})\.tmp-\d+(\.old)?$")
 _TAG = re.compile(r"^iter_\d{7}$")
+_TEMP_LATEST = re.compile(r"^latest\.tmp\.\d+$")  # _write_atomic's temporary file for `latest`
 LOCK = ".lock"
 
 
@@ -72,13 +79,17 @@ def existing_checkpoints(save_dir: str) -> list[str]:
 
 def remove_leftovers(save_dir: str) -> list[str]:
     """Remove the temporary tag directories of crashed saves (only names of our pattern); a
-    checkpoint moved aside (``.old``) whose replacement was never published is put back."""
+    checkpoint moved aside (``.old``) whose replacement was never published is put back. A
+    temporary ``latest`` of a crash while it was replaced is removed too (not listed)."""
     if not os.path.isdir(save_dir):
         return []
     removed = []
     for name in sorted(os.listdir(save_dir)):
         m = _TEMP_TAG.match(name)
         path = os.path.join(save_dir, name)
+        if _TEMP_LATEST.match(name) and os.path.isfile(path):
+            os.remove(path)
+            continue
         if not m or not os.path.isdir(path):
             continue
         final = os.path.join(save_dir, m.group(1))
@@ -170,7 +181,9 @@ class SaveLock:
 
 
 def _rng_state() -> dict:
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    """Plain data and tensors only (loaded weights-only): numpy's key array becomes a list."""
+    kind, key, *rest = np.random.get_state()
+    state = dict(python=random.getstate(), numpy=(kind, key.tolist(), *rest), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -355,13 +368,22 @@ def load_checkpoint(
             f"--load {load_dir}: {tag} holds weights only, and DeepSpeed loads ZeRO-3 weights from "
             f"optimizer files: start from it with ZeRO stage 0-2"
         )
-    path, client_state = engine.load_checkpoint(
-        load_dir,
-        tag=tag,
-        load_optimizer_states=load_optim,
-        load_lr_scheduler_states=load_optim,
-        load_module_only=not load_optim,
-    )
+    if engine.load_universal_checkpoint():
+        raise CheckpointError(
+            f"--load {load_dir}: checkpoint.load_universal in the DeepSpeed config is not supported (DeepSpeed "
+            f"reads universal checkpoints with loaders that run code from the files)"
+        )
+    try:
+        with ds_compat.loading_weights_only(engine):
+            path, client_state = engine.load_checkpoint(
+                load_dir,
+                tag=tag,
+                load_optimizer_states=load_optim,
+                load_lr_scheduler_states=load_optim,
+                load_module_only=not load_optim,
+            )
+    except ds_compat.CheckpointFileError as e:
+        raise CheckpointError(str(e)) from None
     if path is None:
         raise CheckpointError(f"--load {load_dir}: DeepSpeed could not load {tag!r}")
     if load_rng and client_state and "rng" in client_state:
@@ -377,12 +399,13 @@ def layer_file_name(layer_index: int, tp_rank: int = 0) -> str:
 
 def gpt_state_dict_from_layer_files(checkpoint_dir: str, num_layers: int, tp_rank: int = 0) -> dict:
     """One tensor rank's ``GPTModel`` state dict from a DeepSpeed pipeline checkpoint directory
-    (``<save_dir>/<tag>``), whatever the pipeline size it was saved with."""
+    (``<save_dir>/<tag>``), whatever the pipeline size it was saved with. A file that does not
+    load raises ``compat.deepspeed.CheckpointFileError``."""
     from an_megatron.parallel.pipeline import gpt_name_in_layer  # here: pipeline imports this module
 
     state = {}
     for layer_index in range(num_layers + 2):
         path = os.path.join(checkpoint_dir, layer_file_name(layer_index, tp_rank))
-        for name, value in torch.load(path, map_location="cpu", weights_only=False).items():
+        for name, value in ds_compat.load_file(path).items():
             state[gpt_name_in_layer(layer_index, name, num_layers)] = value
     return state
