@@ -138,7 +138,11 @@ class GateScales(nn.Module):
     """nGPT's SwiGLU rescale: ``u = s_u * u``, ``z = s_v * sqrt(d) * z``. The ``sqrt(d)`` puts
     the gate's entries (unit norm over ``f``) at variance ``d / f``, where SiLU is not linear.
     ``u_factor`` and ``z_factor`` are constants folded into the same multiplications (anGPT's
-    ``nu`` factors; 1 for nGPT)."""
+    ``nu`` factors; 1 for nGPT).
+
+    Both are per output channel of the fused ``W_u; W_z``, so ``row_scale`` returns them as one
+    vector over this rank's rows, ``[u rows; z rows]`` (the local layout of the stride-2 fused
+    weight); the MLP multiplies it into the weight (``layers.row_scaled``)."""
 
     def __init__(self, config: ModelConfig, u_factor: float = 1.0, z_factor: float = 1.0):
         super().__init__()
@@ -147,8 +151,8 @@ class GateScales(nn.Module):
         self.s_v = Scale(f, *config.scale_init("s_v"), tp_sharded=True)
         self.u_factor, self.z_factor = u_factor, z_factor * math.sqrt(config.hidden_size)
 
-    def forward(self, u, z):
-        return u * (self.s_u() * self.u_factor), z * (self.s_v() * self.z_factor)
+    def row_scale(self) -> torch.Tensor:
+        return torch.cat([self.s_u() * self.u_factor, self.s_v() * self.z_factor])
 
 
 class NoGateScales(nn.Module):
@@ -157,17 +161,28 @@ class NoGateScales(nn.Module):
         if (u_factor, z_factor) != (1.0, 1.0):
             raise ValueError("constant factors need a GateScales component to be folded into")
 
-    def forward(self, u, z):
-        return u, z
+    def row_scale(self) -> None:
+        return None
 
 
 class LogitScale(nn.Module):
     """nGPT's and anGPT's output temperature: ``logits = s_z * (W_out h)``, per vocabulary
-    entry, split over TP like the vocabulary."""
+    entry, split over TP like the vocabulary; ``row_scale`` is ``s_z``, which the head
+    multiplies into ``W_out``'s rows (``layers.row_scaled``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.s_z = Scale(_local(config.vocab_size, config), *config.scale_init("s_z"), tp_sharded=True)
 
-    def forward(self, logits):
-        return logits * self.s_z()
+    def row_scale(self) -> torch.Tensor:
+        return self.s_z()
+
+
+class NoLogitScale(nn.Module):
+    """GPT+: the logits are ``W_out h`` (its final RMSNorm's gain plays the temperature's part)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+
+    def row_scale(self) -> None:
+        return None
