@@ -7,18 +7,22 @@
     python benchmarks/step_time.py --document-length 64 --compare-masking  # the cost of document masking
 
 Interleaving (one step of each architecture per round) exposes all three to the same machine
-state, so the ratios are fair even when absolute times drift. Prints a markdown table.
+state, so the ratios are fair even when absolute times drift. The interleaved measurement
+(``--steps`` rounds) is repeated ``--repeats`` times; each repetition gives one ratio to GPT+
+(of median step times), and the table reports the median ratio over repetitions and its range.
+The load average before and after, the threads and the pinning are printed with it. On a
+shared machine use ``--threads 1 --cpu-time``. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import paper  # benchmarks/, this script's directory
 import torch
+from timing import fix_threads, load_average, machine, ratio_summary
 
 from an_megatron.model import ARCHS, GPTModel, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
@@ -33,7 +37,8 @@ def main():
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="interleaved rounds per repetition")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions of the interleaved measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--nu-att", default=ModelConfig.nu_att)
     p.add_argument(
@@ -53,7 +58,9 @@ def main():
         help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures",
     )
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads, pinned to as many cores (default: torch's, unpinned)"
+    )
     p.add_argument(
         "--cpu-time",
         action="store_true",
@@ -62,8 +69,8 @@ def main():
     )
     args = p.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = fix_threads(args.threads)
+    load_before = load_average()
     clock = time.process_time if args.cpu_time else time.perf_counter
     initialize_parallel(1, 1)
     torch.manual_seed(0)
@@ -116,29 +123,35 @@ def main():
         destroy_parallel()
         return
 
-    times = {a: [] for a in models}
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.warmup):
         for a in models:
-            t = step(a)
-            if i >= args.warmup:
-                times[a].append(t)
+            step(a)
+    runs = []  # per repetition: {variant: [step times]}
+    for _ in range(args.repeats):
+        times = {a: [] for a in models}
+        for _ in range(args.steps):
+            for a in models:
+                times[a].append(step(a))
+        runs.append(times)
     destroy_parallel()
-    med = {a: statistics.median(t) for a, t in times.items()}
+    load_after = load_average()
+    base = "gptplus" if "gptplus" in models else next(iter(models))
+    ratios = {a: [statistics.median(t[a]) / statistics.median(t[base]) for t in runs] for a in models}
     print(
         f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
         f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
-        f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}, "
-        f"median of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); "
-        f"torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}"
+        f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}; "
+        f"{args.repeats} repetitions of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); "
+        f"torch {torch.__version__}, {threads}, {machine()}; "
+        f"load average (1/5/15 min) before {load_before}, after {load_after}"
     )
-    print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
+    print(f"| arch | median step (ms) | min (ms) | ratio to {base}: median [range] over repetitions | paper (A100) |")
     print("| --- | --- | --- | --- | --- |")
     for a in models:
+        all_times = [x for t in runs for x in t[a]]
         print(
-            f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | "
-            f"{paper.STEP_TIME_RATIO.get(a, '')} |"
+            f"| {a} | {statistics.median(all_times) * 1e3:.1f} | {min(all_times) * 1e3:.1f} | "
+            f"{ratio_summary(ratios[a])} | {paper.STEP_TIME_RATIO.get(a, '')} |"
         )
 
 
