@@ -87,8 +87,11 @@ class ScaledUnitQK(nn.Module):
         self.s_qk = Scale(_local(config.hidden_size, config), *config.scale_init("s_qk"), tp_sharded=True)
 
     def forward(self, q, k):  # (b, s, heads, d_h)
-        s = self.s_qk().view(-1, self.head_dim)
-        return F.normalize(q, dim=-1) * s, F.normalize(k, dim=-1) * s
+        # Norm(x) = rms_norm(x) / sqrt(d_h): rms_norm is one fused kernel (F.normalize is a norm,
+        # a clamp and a division); its eps, 1e-24 / d_h, is F.normalize's 1e-12 on the norm.
+        s = self.s_qk().view(-1, self.head_dim) * (1.0 / math.sqrt(self.head_dim))
+        shape, eps = (self.head_dim,), 1e-24 / self.head_dim
+        return F.rms_norm(q, shape, eps=eps) * s, F.rms_norm(k, shape, eps=eps) * s
 
     def logit_variance(self, softmax_scale: float) -> torch.Tensor:
         """Per head (this rank's heads): what ``s_qk`` implies for the logits' variance."""
@@ -130,8 +133,13 @@ class ScaledLerpResidual(nn.Module):
 
     def forward(self, h, x):
         alpha = self.alpha()
-        out = torch.lerp(h, x, alpha)
-        return out * nu_lerp(alpha) if self.use_nu_lerp else out
+        if not self.use_nu_lerp:
+            return torch.lerp(h, x, alpha)
+        # nu (h + alpha (x - h)) = (nu (1 - alpha)) h + (nu alpha) x: the factor joins two
+        # d-vectors, and the update is two passes over (b, s, d) (a lerp and a product were two
+        # as well, but their backward is longer: 30% less time forward and backward on CPU)
+        nu = nu_lerp(alpha)
+        return torch.addcmul(h * (nu * (1 - alpha)), x, nu * alpha)
 
 
 class GateScales(nn.Module):
