@@ -5,6 +5,8 @@
     python benchmarks/step_time.py --profile angpt # where anGPT's time goes (torch.profiler)
     python benchmarks/step_time.py --compare-nu-att # anGPT under each --nu-att option, and GPT+
     python benchmarks/step_time.py --document-length 64 --compare-masking  # the cost of document masking
+    python benchmarks/step_time.py --torch-compile   # the blocks' elementwise chains compiled (all models)
+    python benchmarks/step_time.py --compare-compile # GPT+ and anGPT, eager and compiled
 
 Interleaving (one step of each architecture per round) exposes all three to the same machine
 state, so the ratios are fair even when absolute times drift. The interleaved measurement
@@ -57,6 +59,12 @@ def main():
         action="store_true",
         help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures",
     )
+    p.add_argument("--torch-compile", action="store_true", help="every model with --torch-compile")
+    p.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="time GPT+ and anGPT eager and with --torch-compile (ratios to eager GPT+)",
+    )
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads, pinned to as many cores (default: torch's, unpinned)"
@@ -81,19 +89,30 @@ def main():
         vocab_size=args.vocab_size,
         seq_length=args.seq_length,
     )
-    masked = bool(args.document_length)
+    masked, compile_ = bool(args.document_length), args.torch_compile
     if args.compare_nu_att:
         variants = {
-            "gptplus": ("gptplus", args.nu_att, masked),
-            **{f"angpt nu_att={o}": ("angpt", o, masked) for o in NU_ATT_OPTIONS},
+            "gptplus": ("gptplus", args.nu_att, masked, compile_),
+            **{f"angpt nu_att={o}": ("angpt", o, masked, compile_) for o in NU_ATT_OPTIONS},
         }
     elif args.compare_masking:
         variants = {
-            f"{a}{' masked' if m else ''}": (a, args.nu_att, m) for a in ("gptplus", "angpt") for m in (False, True)
+            f"{a}{' masked' if m else ''}": (a, args.nu_att, m, compile_)
+            for a in ("gptplus", "angpt")
+            for m in (False, True)
+        }
+    elif args.compare_compile:
+        variants = {
+            f"{a}{' compiled' if c else ''}": (a, args.nu_att, masked, c)
+            for a in ("gptplus", "angpt")
+            for c in (False, True)
         }
     else:
-        variants = {a: (a, args.nu_att, masked) for a in ARCHS}
-    models = {name: GPTModel(ModelConfig(arch=a, nu_att=o, **shape)) for name, (a, o, _) in variants.items()}
+        variants = {a: (a, args.nu_att, masked, compile_) for a in ARCHS}
+    models = {
+        name: GPTModel(ModelConfig(arch=a, nu_att=o, torch_compile=c, **shape))
+        for name, (a, o, _, c) in variants.items()
+    }
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_length + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     masking = {}
@@ -140,7 +159,8 @@ def main():
     print(
         f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
         f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
-        f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}; "
+        f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}"
+        f"{', --torch-compile' if args.torch_compile else ''}; "
         f"{args.repeats} repetitions of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); "
         f"torch {torch.__version__}, {threads}, {machine()}; "
         f"load average (1/5/15 min) before {load_before}, after {load_after}"

@@ -15,12 +15,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
 from an_megatron.model.arch import ArchSpec
 from an_megatron.model.attention import attention, attention_with_exact_nu_att, visible_keys
+from an_megatron.model.components import compiled, swiglu
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.factors import nu_att_dense, nu_att_gaussian
 from an_megatron.model.layers import column_parallel, row_parallel, row_scaled, vocab_embedding
@@ -132,6 +132,7 @@ class MLP(nn.Module):
         self.up_gate = column_parallel(config, f"layers.{layer}.mlp.up_gate", d, 2 * f, stride=2)
         self.gate_scales = spec.gate_scales(config, u_factor=nu_uz * nu_act * nu_down, z_factor=nu_uz)
         self.down = row_parallel(config, f"layers.{layer}.mlp.down", f, d)
+        self.swiglu = compiled(swiglu, config)
         self.tap_u, self.tap_act, self.tap_out = Tap(tp_sharded=True), Tap(tp_sharded=True), Tap()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,7 @@ class MLP(nn.Module):
         # u came out scaled; the tap records nu_uz W_u h (a detached f-vector: nothing in training)
         u_tap_scale = 1.0 if row_scale is None else self.factors.nu_uz / row_scale[: u.shape[-1]].detach()
         self.tap_u(u, u_tap_scale)
-        a = u * F.silu(z)
+        a = self.swiglu(u, z)
         self.tap_act(a, 1.0 / self.factors.nu_down)
         return self.tap_out(self.down(a)[0])
 
