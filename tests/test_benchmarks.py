@@ -108,3 +108,17 @@ def test_loop_step_time_smoke():
     assert "d=64 L=1" in stdout and "load average (1/5/15 min) before" in stdout
     rows = _ratio_rows(stdout)
     assert set(rows) == {"angpt", "ngpt", "gptplus"} and rows["gptplus"] == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.timeout(400)
+def test_step_time_compare_compile_smoke():
+    stdout = _run_benchmark(
+        [
+            "benchmarks/step_time.py",
+            *("--hidden-size", "32", "--num-layers", "1", "--num-attention-heads", "2", "--seq-length", "8"),
+            *("--batch", "1", "--vocab-size", "64", "--steps", "1", "--repeats", "1", "--warmup", "1"),
+            *("--threads", "1", "--compare-compile"),
+        ],
+        timeout=380,
+    )
+    assert set(_ratio_rows(stdout)) == {"gptplus", "gptplus compiled", "angpt", "angpt compiled"}
