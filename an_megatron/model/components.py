@@ -55,8 +55,8 @@ def rms_norm_qk(q, k, q_gain, k_gain, eps: float):
 
 def scaled_lerp(h, x, alpha):
     """``nu_lerp(alpha) * (h + alpha * (x - h))`` as ``(nu (1 - alpha)) h + (nu alpha) x``: the
-    factor joins two d-vectors, and the update is two passes over (b, s, d) (a lerp and a
-    product were two as well, but their backward is longer: 30% less time on CPU)."""
+    factor joins the two d-vector coefficients. Forward and backward take 30% less CPU time than
+    a lerp followed by a product (whose backward needs more passes over ``(b, s, d)``)."""
     nu = nu_lerp(alpha)
     return torch.addcmul(h * (nu * (1 - alpha)), x, nu * alpha)
 
@@ -209,7 +209,7 @@ class LogitScale(nn.Module):
 
 
 class NoLogitScale(nn.Module):
-    """GPT+: the logits are ``W_out h`` (its final RMSNorm's gain plays the temperature's part)."""
+    """GPT+: no learnable temperature; the logits are ``W_out h`` (``h`` after the final RMSNorm)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
