@@ -108,3 +108,66 @@ def test_convergence_smoke_run_and_plot(tmp_path):
     assert (tmp_path / "wsd.png").stat().st_size > 10_000
     md = (tmp_path / "summary.md").read_text()
     assert "| angpt |" in md and "Warmup-stable-decay" in md and "Seeds (data order" in md
+
+
+def _run_benchmark(args, timeout):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out.stdout
+
+
+def _ratio_rows(stdout):
+    """{arch: (median, low, high)} from the '| arch | ... | median [low-high] | ...' rows."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 2 and "[" in line and not cells[0].startswith("arch"):
+            ratio = next(c for c in cells if "[" in c)
+            med, rng = ratio.split(" [")
+            low, high = rng.rstrip("]").split("-")
+            rows[cells[0]] = (float(med), float(low), float(high))
+    return rows
+
+
+@pytest.mark.timeout(300)
+def test_step_time_repeats_report_median_range_and_load():
+    stdout = _run_benchmark(
+        [
+            "benchmarks/step_time.py",
+            *("--hidden-size", "64", "--num-layers", "1", "--num-attention-heads", "2", "--seq-length", "16"),
+            *("--batch", "2", "--vocab-size", "256", "--steps", "2", "--repeats", "2", "--warmup", "1"),
+            *("--threads", "1", "--cpu-time"),
+        ],
+        timeout=280,
+    )
+    assert "2 repetitions of 2 interleaved steps (CPU time)" in stdout
+    assert "1 torch thread(s), pinned to core(s)" in stdout and "load average (1/5/15 min) before" in stdout
+    rows = _ratio_rows(stdout)
+    assert set(rows) == {"angpt", "ngpt", "gptplus"}
+    assert rows["gptplus"] == (1.0, 1.0, 1.0)
+    assert all(low <= med <= high and med > 0 for med, low, high in rows.values())
+
+
+@pytest.mark.timeout(400)
+def test_loop_step_time_smoke():
+    stdout = _run_benchmark(
+        ["benchmarks/loop_step_time.py", "--smoke", "--rounds", "1", "--iters", "10", "--threads", "1"], timeout=380
+    )
+    assert "d=64 L=1" in stdout and "load average (1/5/15 min) before" in stdout
+    rows = _ratio_rows(stdout)
+    assert set(rows) == {"angpt", "ngpt", "gptplus"} and rows["gptplus"] == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.timeout(400)
+def test_step_time_compare_compile_smoke():
+    stdout = _run_benchmark(
+        [
+            "benchmarks/step_time.py",
+            *("--hidden-size", "32", "--num-layers", "1", "--num-attention-heads", "2", "--seq-length", "8"),
+            *("--batch", "1", "--vocab-size", "64", "--steps", "1", "--repeats", "1", "--warmup", "1"),
+            *("--threads", "1", "--compare-compile"),
+        ],
+        timeout=380,
+    )
+    assert set(_ratio_rows(stdout)) == {"gptplus", "gptplus compiled", "angpt", "angpt compiled"}

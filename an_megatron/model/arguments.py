@@ -64,6 +64,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"learnable scale init/reparameterization; NAME in {', '.join(DEFAULT_SCALES)}",
     )
     g.add_argument("--init-method-std", type=positive_float, default=0.02, help="GPT+ weight init std")
+    g.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="fuse the blocks' elementwise chains (residual, QK-norm, SwiGLU) with torch.compile",
+    )
     add_fp8_args(parser)
     return parser
 
@@ -127,6 +132,7 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
         scales=scales,
         weight_norm=args.weight_norm,
         init_std=args.init_method_std,
+        torch_compile=args.torch_compile,
         tensor_model_parallel_size=getattr(args, "tensor_model_parallel_size", 1),
         seed=getattr(args, "seed", 1234),
         transformer_impl=args.transformer_impl,

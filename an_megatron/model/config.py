@@ -67,6 +67,9 @@ class ModelConfig:
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1
     fp8_amax_compute_algo: str = "most_recent"
+    # Compile the blocks' elementwise chains (residual update, QK-norm, SwiGLU product) with
+    # torch.compile: each becomes one fused kernel forward and one backward (components.compiled).
+    torch_compile: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCH_SPECS:

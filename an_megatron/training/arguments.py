@@ -68,6 +68,7 @@ MODEL_FIELD_FLAGS = {
     "fp8_margin": "--fp8-margin",
     "fp8_amax_history_len": "--fp8-amax-history-len",
     "fp8_amax_compute_algo": "--fp8-amax-compute-algo",
+    "torch_compile": "--torch-compile",
 }
 
 
