@@ -80,12 +80,18 @@ positive_float = float_in(0, low_open=True)
 nonnegative_float = float_in(0)
 
 
+def nearest_existing(path: str) -> str:
+    """`path` (absolute), or its nearest ancestor that exists."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def writable_location(path: str) -> str | None:
     """Why nothing can be created at `path` (a file or directory to be made), or None: an
     existing part of its parent path that is not a directory."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         return f"{parent} is not a directory"
     return None

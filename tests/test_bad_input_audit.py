@@ -125,6 +125,8 @@ TRAIN = {
     "log-interval-0": R(["--log-interval", "0"], "argument --log-interval: expected an integer >= 1, got '0'"),
     "peak-tflops-0": R(["--peak-tflops", "0"], "argument --peak-tflops: expected a finite number > 0, got '0'"),
     "generate-negative": R(["--generate-tokens", "-5"], "argument --generate-tokens: expected an integer >= 0"),
+    "save-under-file": R(["--save", "{in}/text.txt/ck"], "argument --save: {in}/text.txt/ck: {in}/text.txt is not a"),
+    "save-is-file": R(["--save", "{in}/text.txt"], "argument --save: {in}/text.txt is a file, expected a directory"),
     "metrics-file-directory": R(["--metrics-file", "{in}"], "argument --metrics-file: {in} is a directory"),
     "metrics-file-under-file": R(["--metrics-file", "{in}/text.txt/m.jsonl"], "{in}/text.txt is not a directory"),
     "tensorboard-dir-file": R(["--tensorboard-dir", "{in}/text.txt"], "argument --tensorboard-dir: {in}/text.txt is"),

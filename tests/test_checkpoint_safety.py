@@ -292,14 +292,16 @@ def test_kill_9_at_random_moments_never_leaves_a_latest_that_fails_to_load(tmp_p
         assert p.returncode in (0, -signal.SIGKILL), log.read_text()[-3000:]  # a resume never fails
 
     kills, mid_save = 0, 0
-    while kills < 3 or (not mid_save and kills < 6):  # at least one kill lands inside a save
+    while kills < 3 or (not mid_save and kills < 8):  # at least one kill lands inside a save
         seen = {LOCK, *names(d)}
-        p, skip, deadline = launch(), rng.randint(0, 2), time.time() + 120  # skip: new names to let pass
+        p, skip, deadline = launch(), rng.randint(0, 2), time.time() + 120  # skip: saves to let pass
+        # Until one has, later attempts kill the moment a save's temporary directory appears.
+        delay = rng.uniform(0, 0.02) if kills < 3 else 0.0
         while p.poll() is None and time.time() < deadline:
-            if len(names(d) - seen) > skip:
-                time.sleep(rng.uniform(0, 0.02))  # while saving, publishing, or just after
+            if len([n for n in names(d) - seen if ".tmp-" in n]) > skip:
+                time.sleep(delay)  # while saving, publishing, or just after
                 break
-            time.sleep(0.002)
+            time.sleep(0.001)
         killed = p.poll() is None
         kill(p)
         kills += killed

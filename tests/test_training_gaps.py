@@ -536,9 +536,9 @@ REFUSED = {  # flags (after the tiny model and mock data), ds.json written for t
     ),
     # every rank checks the outputs before anything starts, and all stop with the same line
     "save-not-writable": (
-        ["--save", "/dev/null/ck"],
+        ["--save", "/proc/an_megatron_ck"],  # /proc takes no new file, even for root
         None,
-        "--save /dev/null/ck: would be inside /dev/null, which is not a directory",
+        "--save /proc/an_megatron_ck: cannot write in /proc (No such file or directory)",
         2,
     ),
     # tensorboard made unimportable (NO_TENSORBOARD on PYTHONPATH), installed or not

@@ -120,6 +120,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g = parser.add_argument_group("checkpointing, evaluation and logging")
     g.add_argument(
         "--save",
+        type=output_dir,
         default=None,
         help="checkpoint directory; a run holds {save}/.lock while it writes and never rewrites a published checkpoint "
         "in place",

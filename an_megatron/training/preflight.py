@@ -3,7 +3,9 @@ written. The data is checked as the datasets are built, which ``Trainer`` does b
 and the engine (``build_train_valid_test_datasets``: present, non-empty, token ids inside the
 tokenizer's vocabulary, a sample for every split with a share).
 
-An output directory that does not exist yet is not created here: its nearest existing ancestor
+The flags' own types (``an_megatron/cli.py``) already refuse, at parse time, a path under an
+existing file; what only a write can tell (permissions, read-only or special file systems) is
+checked here. An output directory that does not exist yet is not created here: its nearest existing ancestor
 must be a directory that takes a file. A probe file is written and removed at once, so a refused
 run leaves nothing behind.
 """
@@ -15,6 +17,8 @@ import tempfile
 
 import torch.distributed as dist
 
+from an_megatron.cli import nearest_existing
+
 PROBE_PREFIX = ".an_megatron-probe-"
 
 
@@ -25,10 +29,7 @@ class PreflightError(RuntimeError):
 def directory_problem(flag: str, path: str, directory: str | None = None) -> str | None:
     """Why `directory` (default: `path`, the flag's value) cannot be (or become) a directory
     this process writes files in, or None."""
-    directory = os.path.abspath(path if directory is None else directory)
-    existing = directory
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(path if directory is None else directory)
     if not os.path.isdir(existing):
         what = "is" if existing == os.path.abspath(path) else "would be inside"
         return f"{flag} {path}: {what} {existing}, which is not a directory"
