@@ -316,3 +316,36 @@ def test_bad_input_is_refused_with_one_line(sources, tok_model, tmp_path, capsys
     (tmp_path / "empty").mkdir()
     assert _cli("--load", consolidated, "--output", str(tmp_path / "empty")) == 0
     assert "model.safetensors" in os.listdir(tmp_path / "empty")
+
+
+@pytest.mark.timeout(600)
+def test_generate_tool_from_export_and_from_checkpoint(sources, exported, tok_model):
+    """tools/generate.py: greedy decoding from the exported directory and from the TP=2 x PP=2
+    checkpoint (folded in memory) continues the prompt with the same tokens as generate()."""
+    from transformers import AutoTokenizer
+
+    from an_megatron.data.tokenizers import SentencePieceTokenizer
+
+    hf, tok = load_exported(exported / "angpt"), AutoTokenizer.from_pretrained(exported / "angpt")
+    prompt = "In the beginning God"
+    with torch.no_grad():
+        ids = hf.generate(tok(prompt, return_tensors="pt").input_ids, max_new_tokens=15, do_sample=False)[0].tolist()
+
+    def tool(*args):
+        out = subprocess.run(
+            [sys.executable, "tools/generate.py", "--prompt", prompt, "--max-new-tokens", "15", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout  # the text is the last thing printed (after any library's log lines)
+
+    assert tool("--load", str(exported / "angpt"), "--temperature", "0").endswith(tok.decode(ids) + "\n")
+    ckpt = sources["angpt"][2]
+    flags = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok_model]
+    from_ckpt = tool("--load", ckpt, "--temperature", "0", *flags)
+    assert from_ckpt.endswith(SentencePieceTokenizer(tok_model).detokenize(ids) + "\n")
+    sampled = tool("--load", str(exported / "angpt"), "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9")
+    assert prompt in sampled

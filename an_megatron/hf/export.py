@@ -249,17 +249,12 @@ def _refuse_output(output: str) -> None:
         raise ExportError(f"--output {output}: exists and is not an empty directory")
 
 
-def export(load: str, output: str, tokenizer: dict | None = None, dtype: str = "fp32", log=print) -> dict:
-    """Write the Hugging Face directory ``output`` for the checkpoint or consolidated file ``load``.
-    ``tokenizer``: settings (``TOKENIZER_FIELDS``) overriding those the checkpoint recorded.
-    Everything is written into a temporary directory that is renamed to ``output`` at the end, so
-    a refusal or failure leaves nothing behind."""
+def load_source(load: str, tokenizer: dict | None = None):
+    """``(weights dict, ModelConfig, tokenizer or None, tokenizer settings)`` of a checkpoint
+    directory or consolidated file; ``tokenizer`` settings override those the run recorded."""
     from an_megatron.model.config import ModelConfig
     from an_megatron.training.convert import ConvertError, load_weights
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    _refuse_output(output)
     try:
         obj = load_weights(load)
     except ConvertError as e:
@@ -272,18 +267,49 @@ def export(load: str, output: str, tokenizer: dict | None = None, dtype: str = "
     except (TypeError, ValueError) as e:
         raise ExportError(f"{load}: its model configuration is invalid ({e})") from None
     settings = {**recorded_tokenizer(load), **{k: v for k, v in (tokenizer or {}).items() if v is not None}}
-    if settings.get("tokenizer_type") == "NullTokenizer" or not settings.get("tokenizer_type"):
-        tok = None  # integer ids only: nothing for AutoTokenizer to load
-    else:
-        tok = _build_tokenizer(settings)
-        if tok.vocab_size > config.vocab_size:
-            raise ExportError(
-                f"--tokenizer-model: {tok.vocab_size} ids, more than the model's {config.vocab_size} embeddings"
-            )
+    tok = _build_tokenizer(settings) if settings.get("tokenizer_type") else None
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise ExportError(f"the tokenizer has {tok.vocab_size} ids, more than the model's {config.vocab_size} rows")
+    return obj, config, tok, settings
 
+
+def folded_model(weights: dict, config, tok=None, ids: dict | None = None, dtype: str = "fp32"):
+    """``AnGPTForCausalLM`` (the shipped modeling code) holding the folded ``weights``, with the
+    tokenizer's eos and pad ids; the vocabulary's padding rows are suppressed in generation."""
     from an_megatron.hf.configuration_angpt import AnGPTConfig
     from an_megatron.hf.modeling_angpt import AnGPTForCausalLM
 
+    ids = ids if ids is not None else ({"eos_token_id": tok.eod} if tok is not None else {})
+    hf_config = AnGPTConfig(
+        **hf_config_kwargs(config),
+        eos_token_id=ids.get("eos_token_id"),
+        pad_token_id=ids.get("pad_token_id"),
+        auto_map={
+            "AutoConfig": "configuration_angpt.AnGPTConfig",
+            "AutoModelForCausalLM": "modeling_angpt.AnGPTForCausalLM",
+        },
+    )
+    model = AnGPTForCausalLM(hf_config)
+    model.load_state_dict(fold_state_dict(weights, config), strict=True)
+    model.to(DTYPES[dtype]).eval()
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids.get("eos_token_id"), ids.get("pad_token_id"), None
+    if tok is not None and tok.vocab_size < config.vocab_size:  # the padding rows are no tokens
+        gen.suppress_tokens = list(range(tok.vocab_size, config.vocab_size))
+    return model
+
+
+def export(load: str, output: str, tokenizer: dict | None = None, dtype: str = "fp32") -> dict:
+    """Write the Hugging Face directory ``output`` for the checkpoint or consolidated file ``load``.
+    ``tokenizer``: settings (``TOKENIZER_FIELDS``) overriding those the checkpoint recorded.
+    Everything is written into a temporary directory that is renamed to ``output`` at the end, so
+    a refusal or failure leaves nothing behind."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    _refuse_output(output)
+    obj, config, tok, settings = load_source(load, tokenizer)
+    if settings.get("tokenizer_type") == "NullTokenizer":
+        tok = None  # integer ids only: nothing for AutoTokenizer to load
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output))}.tmp-{os.getpid()}")
@@ -294,23 +320,7 @@ def export(load: str, output: str, tokenizer: dict | None = None, dtype: str = "
         if tok is not None:
             ids = write_tokenizer(tok, settings, tmp, config.seq_length)
             check_tokenizer(tok, tmp)
-        hf_config = AnGPTConfig(
-            **hf_config_kwargs(config),
-            eos_token_id=ids.get("eos_token_id"),
-            pad_token_id=ids.get("pad_token_id"),
-            auto_map={
-                "AutoConfig": "configuration_angpt.AnGPTConfig",
-                "AutoModelForCausalLM": "modeling_angpt.AnGPTForCausalLM",
-            },
-        )
-        model = AnGPTForCausalLM(hf_config)
-        model.load_state_dict(fold_state_dict(obj["model"], config), strict=True)
-        model.to(DTYPES[dtype])
-        gen = model.generation_config
-        gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids.get("eos_token_id"), ids.get("pad_token_id"), None
-        if tok is not None and tok.vocab_size < config.vocab_size:  # the padding rows are no tokens
-            gen.suppress_tokens = list(range(tok.vocab_size, config.vocab_size))
-        model.save_pretrained(tmp)
+        folded_model(obj["model"], config, tok, ids, dtype).save_pretrained(tmp)
         for name in MODEL_FILES:
             shutil.copyfile(os.path.join(HF_SOURCE, name), os.path.join(tmp, name))
         _refuse_output(output)  # still free?
