@@ -349,3 +349,23 @@ def test_generate_tool_from_export_and_from_checkpoint(sources, exported, tok_mo
     assert from_ckpt.endswith(SentencePieceTokenizer(tok_model).detokenize(ids) + "\n")
     sampled = tool("--load", str(exported / "angpt"), "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9")
     assert prompt in sampled
+
+
+@pytest.mark.timeout(300)
+def test_inference_overhead_benchmark_smoke():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/inference_overhead.py", "--hidden-size", "64", "--num-layers", "2"]
+        + ["--num-attention-heads", "4", "--vocab-size", "256", "--prompt", "16", "--decode", "4"]
+        + ["--rounds", "2", "--warmup", "1", "--cpu-time"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [(r[0], r[1]) for r in rows[1:]] == [
+        (f"| {a}", phase) for phase in ("prefill", "decode") for a in ("gptplus", "angpt", "ngpt")
+    ]
+    assert "load average" in out.stdout
