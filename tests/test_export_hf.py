@@ -369,3 +369,39 @@ def test_inference_overhead_benchmark_smoke():
         (f"| {a}", phase) for phase in ("prefill", "decode") for a in ("gptplus", "angpt", "ngpt")
     ]
     assert "load average" in out.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "GPT2BPETokenizer"])
+def test_tokenizer_json_tokenizers_export_with_our_ids(kind, sources, tmp_path):
+    """A tokenizer.json (HuggingFaceTokenizer) and GPT-2 BPE files are written as tokenizer.json
+    with our ids and end of document."""
+    import gzip
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer
+
+    from an_megatron.data.config import DataConfig
+    from an_megatron.data.tokenizers import build_tokenizer
+    from an_megatron.hf.export import export
+
+    with gzip.open(CORPUS, "rt") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(300), f)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, special_tokens=["<|endoftext|>"])
+    if kind == "HuggingFaceTokenizer":
+        bpe.save(str(tmp_path / "tokenizer.json"))
+        settings = dict(tokenizer_type=kind, tokenizer_model=str(tmp_path / "tokenizer.json"))
+    else:
+        bpe.save_model(str(tmp_path))
+        settings = dict(
+            tokenizer_type=kind, vocab_file=str(tmp_path / "vocab.json"), merge_file=str(tmp_path / "merges.txt")
+        )
+    export(sources["angpt"][3], str(tmp_path / "out"), settings)
+    ours, theirs = build_tokenizer(DataConfig(**settings)), AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert theirs.eos_token_id == ours.eod == ours.token_to_id("<|endoftext|>")
+    for text in texts[:50] + ["  spaces\tand\nlines 123 naïve 東京"]:
+        ids = theirs(text, add_special_tokens=False)["input_ids"]
+        assert ids == ours.tokenize(text)
+        assert theirs.decode(ids) == ours.detokenize(ids)
