@@ -131,3 +131,25 @@ def test_perplexity_matches_our_model(lm_eval_results, ours):
     assert got["word_perplexity,none"] == pytest.approx(math.exp(-total / words), rel=1e-5)
     assert got["byte_perplexity,none"] == pytest.approx(math.exp(-total / nbytes), rel=1e-5)
     assert got["bits_per_byte,none"] == pytest.approx(-total / nbytes / math.log(2), rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_missing_recorded_tokenizer_is_one_line(trained, corpus, tmp_path):  # noqa: F811
+    """The tokenizer file the run recorded has gone: the export says so in one line and writes
+    nothing (the file is put back afterwards)."""
+    model = corpus / "tok.model"
+    os.rename(model, tmp_path / "tok.model")
+    try:
+        out = subprocess.run(
+            [sys.executable, "tools/export_hf.py", "--load", str(trained / "ckpt"), "--output", str(tmp_path / "hf")],
+            capture_output=True,
+            text=True,
+            timeout=280,
+            cwd=ROOT,
+        )
+    finally:
+        os.rename(tmp_path / "tok.model", model)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: --tokenizer-model {model}: no such file")
+    assert "recorded by the checkpoint's run" in out.stderr
+    assert not (tmp_path / "hf").exists()

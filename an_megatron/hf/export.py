@@ -255,6 +255,15 @@ def load_source(load: str, tokenizer: dict | None = None):
     from an_megatron.model.config import ModelConfig
     from an_megatron.training.convert import ConvertError, load_weights
 
+    # the tokenizer first: a missing file is refused before the weights are consolidated
+    given = {k: v for k, v in (tokenizer or {}).items() if v is not None}
+    settings = {**recorded_tokenizer(load), **given}
+    try:
+        tok = _build_tokenizer(settings) if settings.get("tokenizer_type") else None
+    except ExportError as e:
+        if given:
+            raise
+        raise ExportError(f"{e} (recorded by the checkpoint's run; give --tokenizer-type/--tokenizer-model)") from None
     try:
         obj = load_weights(load)
     except ConvertError as e:
@@ -266,8 +275,6 @@ def load_source(load: str, tokenizer: dict | None = None):
         config = ModelConfig(**obj["config"])
     except (TypeError, ValueError) as e:
         raise ExportError(f"{load}: its model configuration is invalid ({e})") from None
-    settings = {**recorded_tokenizer(load), **{k: v for k, v in (tokenizer or {}).items() if v is not None}}
-    tok = _build_tokenizer(settings) if settings.get("tokenizer_type") else None
     if tok is not None and tok.vocab_size > config.vocab_size:
         raise ExportError(f"the tokenizer has {tok.vocab_size} ids, more than the model's {config.vocab_size} rows")
     return obj, config, tok, settings
