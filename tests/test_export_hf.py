@@ -157,8 +157,9 @@ def test_greedy_decoding_with_cache_equals_without(arch, exported):
     with torch.no_grad():
         full = hf(cached, use_cache=False).logits
         cache = DynamicCache(config=hf.config)
-        steps = [hf(cached[:, :10], cache=cache, use_cache=True).logits]
-        for i in range(10, cached.shape[1]):
+        steps = [hf(cached[:, :10], cache=cache, use_cache=True).logits]  # prefill
+        steps.append(hf(cached[:, 10:17], cache=cache, use_cache=True).logits)  # a chunk after a prefill
+        for i in range(17, cached.shape[1]):
             steps.append(hf(cached[:, i : i + 1], cache=cache, use_cache=True).logits)
     assert cache.get_seq_length() == cached.shape[1]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5

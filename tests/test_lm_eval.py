@@ -21,6 +21,12 @@ TASKS = os.path.join(ROOT, "tests", "lm_eval_tasks")
 SEQ = 64
 
 
+def export_hf(load, output) -> subprocess.CompletedProcess:
+    """tools/export_hf.py with no tokenizer flags: the export takes the one the run recorded."""
+    cmd = [sys.executable, "tools/export_hf.py", "--load", str(load), "--output", str(output)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
+
+
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("lm_eval")
@@ -30,14 +36,7 @@ def trained(corpus, tmp_path_factory):  # noqa: F811
     flags += ["--tokenizer-model", str(corpus / "tok.model"), "--save", str(d / "ckpt"), "--save-interval", "20"]
     out = run(flags, env={"PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-3000:]
-    # no tokenizer flags: the export takes the one the run recorded
-    export = subprocess.run(
-        [sys.executable, "tools/export_hf.py", "--load", str(d / "ckpt"), "--output", str(d / "hf")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    export = export_hf(d / "ckpt", d / "hf")
     assert export.returncode == 0, export.stderr[-3000:]
     assert export.stdout.splitlines()[-1].endswith("iteration 20, fp32, tokenizer SentencePieceTokenizer")
     return d
@@ -140,13 +139,7 @@ def test_missing_recorded_tokenizer_is_one_line(trained, corpus, tmp_path):  # n
     model = corpus / "tok.model"
     os.rename(model, tmp_path / "tok.model")
     try:
-        out = subprocess.run(
-            [sys.executable, "tools/export_hf.py", "--load", str(trained / "ckpt"), "--output", str(tmp_path / "hf")],
-            capture_output=True,
-            text=True,
-            timeout=280,
-            cwd=ROOT,
-        )
+        out = export_hf(trained / "ckpt", tmp_path / "hf")
     finally:
         os.rename(tmp_path / "tok.model", model)
     assert out.returncode == 1

@@ -102,12 +102,12 @@ class AttentionMask:
     query gets finite values that nothing reads). ``bias`` for SDPA is None where ``is_causal``
     or no mask says it all."""
 
-    def __init__(self, q_len: int, past: int, padding: torch.Tensor | None):
+    def __init__(self, q_len: int, past: int, padding: torch.Tensor | None, device: torch.device):
         self.q_len, self.past, self.padding = q_len, past, padding
         self.is_causal = padding is None and past == 0 and q_len > 1
         self.bias = None
         if padding is not None or (past > 0 and q_len > 1):
-            self.bias = self.allowed(q_len, past + q_len, None if padding is None else padding.device)
+            self.bias = self.allowed(q_len, past + q_len, device)
 
     def allowed(self, q_len: int, kv_len: int, device) -> torch.Tensor:
         qpos = self.past + torch.arange(q_len, device=device)[:, None]
@@ -202,7 +202,7 @@ class AnGPTModel(AnGPTPreTrainedModel):
                 position_ids = (past + torch.arange(s, device=h.device))[None].expand(b, s)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        mask = AttentionMask(s, past, padding)
+        mask = AttentionMask(s, past, padding, h.device)
         t = position_ids + 1  # keys each query sees: its absolute position in the cache, plus one
         nus = [None] * len(self.layers)
         if self.config.nu_att == "dense":
