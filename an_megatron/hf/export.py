@@ -25,7 +25,8 @@ tokenizer files (``tokenizer.json``, ``tokenizer_config.json``) that ``AutoToken
 What cannot fold is computed by ``modeling_angpt.py`` (its docstring says why): the QK
 normalization, the residual mix (anGPT's ``a``, nGPT's two normalizations, GPT+'s addition),
 ``nu_att`` per position (``gaussian``: shipped as the per-head grid over ``log t`` that training
-interpolates, since it depends only on ``s_qk``), and GPT+'s RMSNorms.
+interpolates, since it depends only on ``s_qk``), and GPT+'s RMSNorms (whose gains are folded
+into the columns of ``W_qkv``, ``W_u;W_z`` and ``W_out``: ``W (g * x) = (W diag(g)) x``).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def fold_state_dict(weights: dict, config) -> dict[str, torch.Tensor]:
             g_q, g_k = w[src + "attention.qk_norm.q_gain.s_hat"], w[src + "attention.qk_norm.k_gain.s_hat"]
             # RMSNorm(x) = sqrt(d_h) Norm(x): the logits are softmax_scale (g_q rms(q)) . (g_k rms(k))
             q_scale = g_q * g_k * softmax_scale
-            out[dst + "input_norm"] = w[src + "attention_norm.weight"]
-            out[dst + "mlp_norm"] = w[src + "mlp_norm.weight"]
+            # the pre-norms' gains: W (g * rms(h)) = (W diag(g)) rms(h), a column scale
+            g_attn, g_mlp = w[src + "attention_norm.weight"], w[src + "mlp_norm.weight"]
+            W_q, W_k, W_v = (W * g_attn for W in (W_q, W_k, W_v))
+            W_u, W_z = W_u * g_mlp, W_z * g_mlp
         else:
             s_qk = _scale(w, src + "attention.qk_norm.s_qk.s_hat", config, "s_qk")
             # softmax_scale (s Norm q) . (s Norm k) = (s^2 softmax_scale / d_h) rms(q) . rms(k)
@@ -112,7 +115,7 @@ def fold_state_dict(weights: dict, config) -> dict[str, torch.Tensor]:
         out[dst + "down_proj.weight"] = W_down
     W_out = w["head.output.weight"]
     if arch == "gptplus":
-        out["model.norm"] = w["head.final_norm.weight"]
+        W_out = W_out * w["head.final_norm.weight"]
     else:
         W_out = _scale(w, "head.logit_scale.s_z.s_hat", config, "s_z")[:, None] * W_out
     out["lm_head.weight"] = W_out

@@ -25,8 +25,9 @@ can hold:
   ``b`` is folded into the rows of ``W_o`` and ``W_down`` (so ``x`` arrives scaled), ``a`` stays
   (it multiplies the residual stream, which no weight produces). nGPT's
   ``Norm(h + alpha (Norm(x) - h))`` normalizes twice; nothing folds. GPT+ adds.
-- **GPT+'s RMSNorms** before attention, MLP and the output head (their gains could fold into
-  the next weight's columns, but that would change nothing measurable; they stay as trained).
+- **GPT+'s RMSNorms** before attention, MLP and the output head: the division by the RMS is
+  computed; their gains are folded into the columns of the weight that follows (``W_qkv``,
+  ``W_u;W_z``, ``W_out``), so the baseline gets the same folding as anGPT.
 """
 
 from __future__ import annotations
@@ -125,10 +126,7 @@ class AnGPTBlock(nn.Module):
         self.attn = AnGPTAttention(config, layer_idx)
         self.gate_up_proj = nn.Linear(d, 2 * f, bias=False)  # [u; z]: the SwiGLU's value and gate
         self.down_proj = nn.Linear(f, d, bias=False)
-        if self.arch == "gptplus":
-            self.input_norm = nn.Parameter(torch.ones(d))
-            self.mlp_norm = nn.Parameter(torch.ones(d))
-        else:  # anGPT: the residual stream's factor a; nGPT: alpha
+        if self.arch != "gptplus":  # anGPT: the residual stream's factor a; nGPT: alpha
             self.attn_residual = nn.Parameter(torch.ones(d))
             self.mlp_residual = nn.Parameter(torch.ones(d))
 
@@ -141,9 +139,9 @@ class AnGPTBlock(nn.Module):
 
     def forward(self, h, cos, sin, mask, nu, cache):
         if self.arch == "gptplus":
-            x = self.attn(F.rms_norm(h, (h.shape[-1],), self.input_norm, self.eps), cos, sin, mask, nu, cache)
+            x = self.attn(F.rms_norm(h, (h.shape[-1],), eps=self.eps), cos, sin, mask, nu, cache)
             h = h + x
-            u, z = self.gate_up_proj(F.rms_norm(h, (h.shape[-1],), self.mlp_norm, self.eps)).chunk(2, dim=-1)
+            u, z = self.gate_up_proj(F.rms_norm(h, (h.shape[-1],), eps=self.eps)).chunk(2, dim=-1)
             return h + self.down_proj(u * F.silu(z))
         h = self._residual(h, self.attn(h, cos, sin, mask, nu, cache), self.attn_residual)
         u, z = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -168,8 +166,6 @@ class AnGPTModel(AnGPTPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(AnGPTBlock(config, i) for i in range(config.num_hidden_layers))
-        if config.arch == "gptplus":
-            self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self._nu_tables = None  # (key, (layers, heads, P) table of the gaussian nu_att), built on first use
         self.post_init()
 
@@ -212,7 +208,7 @@ class AnGPTModel(AnGPTPreTrainedModel):
         for block, nu in zip(self.layers, nus):
             h = block(h, cos, sin, mask, nu, cache)
         if self.config.arch == "gptplus":
-            h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
+            h = F.rms_norm(h, (h.shape[-1],), eps=self.config.rms_norm_eps)
         return h
 
 
