@@ -1,15 +1,30 @@
 #!/usr/bin/env python
 """Reproduce the paper's claims at small scale, and settle anGPT's open choices by measurement.
 
-    python benchmarks/convergence.py --out runs/convergence            # the full benchmark
-    python benchmarks/convergence.py --out /tmp/smoke --smoke          # two tiny runs (tests)
+    python benchmarks/convergence.py --out runs/convergence            # sweep + ablations
+    python benchmarks/convergence.py --out runs/kjv --bracket 3 --seeds 3 --wsd --wsd-seeds 1 \
+        --no-ablations --jobs 2                                        # the study with error bars
+    python benchmarks/convergence.py --out runs/sotu --corpus sotu ...  # the second corpus
+    python benchmarks/convergence.py --out /tmp/smoke --smoke          # tiny runs (tests)
 
-Trains GPT+, nGPT and anGPT through examples/pretrain_angpt.py on the bundled corpus (KJV) with
-a SentencePiece tokenizer trained on it: same data order, same token budget, validation loss
-at fixed intervals. Each architecture gets a learning-rate sweep; anGPT's ablations run at its
-best learning rate. A finished run is not repeated (its metrics file is complete), so an
-interrupted benchmark continues where it stopped. Writes ``summary.md``, ``summary.json`` and
-PNG curves into ``--out``; every run's metrics JSONL is under ``--out/runs/NAME/``.
+Trains GPT+, nGPT and anGPT through examples/pretrain_angpt.py on a bundled corpus (`--corpus
+kjv`: the King James Bible; `sotu`: State of the Union addresses) with a SentencePiece tokenizer
+trained on it: same data order, same token budget, validation loss at fixed intervals over the
+whole validation split (``--full-validation``). The stages:
+
+1. a learning-rate sweep per architecture (cosine decay), extended by factors of 2
+   (``--bracket N``) until each best rate has a worse one on both sides;
+2. ``--seeds N``: more seeds (data order and initialization) at each best rate, reported as mean,
+   spread and a speedup per seed pair and of the mean curves;
+3. ``--wsd``: warmup-stable-decay budgets without retraining: one constant-rate run per
+   architecture, with cool-downs over the last 20% of 25%, 50% and 100% of the steps branched
+   from its checkpoints (``--load --ckpt-step``), giving loss against steps and the steps each
+   architecture needs to reach GPT+'s loss;
+4. anGPT's ablations at its best rate.
+
+A finished run is not repeated (its metrics file is complete), so an interrupted benchmark
+continues where it stopped. Writes ``summary.md``, ``summary.json`` and PNG plots into
+``--out``; every run's metrics JSONL is under ``--out/runs/NAME/``.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +41,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import paper  # noqa: E402  (benchmarks/, this script's directory)
-from run_analysis import median_step_time, step_speedup, steps_to_reach, val_curve  # noqa: E402
+from run_analysis import (  # noqa: E402
+    bracket_extension,
+    budget_to_reach,
+    mean_curve,
+    median_step_time,
+    spread,
+    step_speedup,
+    steps_to_reach,
+    val_curve,
+)
 
 from an_megatron.model.config import ModelConfig  # noqa: E402
 from an_megatron.training.metrics import read_metrics  # noqa: E402
@@ -45,16 +70,24 @@ FULL = dict(
     vocab=4000,
     lrs=[1.5e-3, 3e-3, 6e-3, 1.2e-2],
 )
+# One size up (--size medium): 6 layers of d=256 (~4.5x the small model's FLOPs per token),
+# same data, batch and steps, to see whether the gaps grow or shrink with size.
+MEDIUM_MODEL = ["--num-layers", "6", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "128"]
 SMOKE = dict(
     model=["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32"],
     micro=4,
     global_batch=4,
-    iters=6,
-    eval_interval=3,
+    iters=8,
+    eval_interval=4,
     eval_iters=1,
     vocab=500,
     lrs=[3e-3],
 )
+CORPORA = {"kjv": "kjv.jsonl.gz", "sotu": "sotu.jsonl.gz"}  # examples/data/README.md has both
+SEED = 1234  # the sweep's seed; --seeds N adds SEED+1 .. SEED+N-1 at each architecture's best rate
+# WSD: cool-downs over the last 20% of each budget, branched from one constant-rate run.
+WSD_BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
+WSD_COOLDOWN_FRACTION = 0.2
 ABLATIONS = {  # name: flags, on anGPT at its best learning rate
     "nu_att=exact": ["--nu-att", "exact"],
     "nu_att=dense": ["--nu-att", "dense"],
@@ -65,16 +98,16 @@ ABLATIONS = {  # name: flags, on anGPT at its best learning rate
 }
 
 
-def sh(cmd, log):
+def sh(cmd, log, env=None):
     with open(log, "w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
 
 
-def prepare_data(out: str, cfg: dict) -> tuple[str, str]:
+def prepare_data(out: str, cfg: dict, corpus_name: str = "kjv") -> tuple[str, str]:
     data = os.path.join(out, "data")
     os.makedirs(data, exist_ok=True)
-    corpus = os.path.join(ROOT, "examples", "data", "kjv.jsonl.gz")
-    tok, prefix = os.path.join(data, "tok"), os.path.join(data, "kjv")
+    corpus = os.path.join(ROOT, "examples", "data", CORPORA[corpus_name])
+    tok, prefix = os.path.join(data, "tok"), os.path.join(data, corpus_name)
     if not os.path.exists(tok + ".model"):
         rc = sh(
             [
@@ -117,83 +150,185 @@ def prepare_data(out: str, cfg: dict) -> tuple[str, str]:
     return tok + ".model", prefix + "_text_document"
 
 
-def run_name(arch: str, lr: float, ablation: str | None = None) -> str:
-    base = f"{arch}_lr{lr:g}"
-    return base if ablation is None else f"{base}_{ablation.replace(' ', '_').replace('=', '')}"
+def run_name(arch: str, lr: float, ablation: str | None = None, seed: int = SEED, part: str | None = None) -> str:
+    name = f"{arch}_lr{lr:g}"
+    if ablation is not None:
+        name += "_" + ablation.replace(" ", "_").replace("=", "")
+    if seed != SEED:
+        name += f"_seed{seed}"
+    return name if part is None else f"{name}_{part}"
 
 
-def is_finished(metrics: str, cfg: dict) -> bool:
+def is_finished(metrics: str, iters: int) -> bool:
     if not os.path.exists(metrics):
         return False
     evals = read_metrics(metrics)["eval"]
-    return bool(evals) and evals[-1]["iteration"] == cfg["iters"]
+    return bool(evals) and evals[-1]["iteration"] == iters
 
 
-def train(out, cfg, tok, data, arch, lr, extra=(), name=None, summarize_only=False) -> str | None:
-    """One run (skipped when its metrics already hold the final evaluation). With
-    ``summarize_only``, the metrics of a finished run or None."""
-    name = name or run_name(arch, lr)
-    run_dir = os.path.join(out, "runs", name)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if is_finished(metrics, cfg):
-        return metrics
-    if summarize_only:
-        return None
-    if os.path.exists(metrics):
-        os.remove(metrics)
-    os.makedirs(run_dir, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "examples/pretrain_angpt.py",
-        "--deepspeed_config",
-        "examples/ds_fp32.json",
-        "--arch",
-        arch,
-        *cfg["model"],
-        "--micro-batch-size",
-        str(cfg["micro"]),
-        "--global-batch-size",
-        str(cfg["global_batch"]),
-        "--train-iters",
-        str(cfg["iters"]),
-        "--lr",
-        str(lr),
-        "--data-path",
-        data,
-        "--split",
-        "98,2,0",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        tok,
-        "--num-workers",
-        "0",
-        "--seed",
-        "1234",
-        "--eval-interval",
-        str(cfg["eval_interval"]),
-        "--eval-iters",
-        str(cfg["eval_iters"]),
-        "--log-interval",
-        str(max(1, cfg["eval_interval"] // 5)),
-        "--metrics-file",
-        metrics,
-        *extra,
-    ]
-    t0 = time.time()
-    rc = sh(cmd, os.path.join(run_dir, "train.log"))
-    print(f"  {name}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
-    return metrics
+def warmup_iters(arch: str, iters: int) -> int:
+    """The architecture's default warm-up for a run of ``iters`` steps (GPT+: 10%; none for
+    anGPT and nGPT), fixed explicitly so WSD branches of any length share it."""
+    from an_megatron.model.arch import ARCH_SPECS
+
+    return ARCH_SPECS[arch].optimizer.warmup_iters(iters)
 
 
-def final_val(metrics_path: str) -> float:
-    evals = read_metrics(metrics_path)["eval"] if os.path.exists(metrics_path) else []
+class Runner:
+    """Starts training runs (``jobs`` at a time, each with ``2 / jobs`` threads), skipping any
+    whose metrics already hold its final evaluation, so an interrupted benchmark resumes."""
+
+    def __init__(self, out, cfg, tok, data, jobs=1, summarize_only=False, full_validation=True):
+        self.out, self.cfg, self.tok, self.data = out, cfg, tok, data
+        self.jobs, self.summarize_only, self.full_validation = jobs, summarize_only, full_validation
+
+    def command(self, arch, lr, seed, metrics, iters, extra):
+        c = self.cfg
+        return [
+            sys.executable,
+            "examples/pretrain_angpt.py",
+            "--deepspeed_config",
+            "examples/ds_fp32.json",
+            "--arch",
+            arch,
+            *c["model"],
+            "--micro-batch-size",
+            str(c["micro"]),
+            "--global-batch-size",
+            str(c["global_batch"]),
+            "--train-iters",
+            str(iters),
+            "--lr",
+            str(lr),
+            "--data-path",
+            self.data,
+            "--split",
+            "98,2,0",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            self.tok,
+            "--num-workers",
+            "0",
+            "--seed",
+            str(seed),
+            "--eval-interval",
+            str(c["eval_interval"]),
+            "--eval-iters",
+            str(c["eval_iters"]),
+            *(["--full-validation"] if self.full_validation else []),
+            "--log-interval",
+            str(max(1, c["eval_interval"] // 5)),
+            "--metrics-file",
+            metrics,
+            *extra,
+        ]
+
+    def run(self, specs: list[dict]) -> dict[str, str | None]:
+        """``specs``: dicts with name, arch, lr and optionally seed, iters, extra. Returns
+        {name: metrics path, or None when not finished and --summarize-only}."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        results, todo = {}, []
+        for spec in specs:
+            metrics = os.path.join(self.out, "runs", spec["name"], "metrics.jsonl")
+            iters = spec.get("iters", self.cfg["iters"])
+            if is_finished(metrics, iters):
+                results[spec["name"]] = metrics
+            elif self.summarize_only:
+                results[spec["name"]] = None
+            else:
+                todo.append((spec, metrics, iters))
+
+        def one(item):
+            spec, metrics, iters = item
+            run_dir = os.path.dirname(metrics)
+            if os.path.exists(metrics):
+                os.remove(metrics)
+            os.makedirs(run_dir, exist_ok=True)
+            cmd = self.command(spec["arch"], spec["lr"], spec.get("seed", SEED), metrics, iters, spec.get("extra", ()))
+            threads = str(max(1, 2 // self.jobs))
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            t0 = time.time()
+            rc = sh(cmd, os.path.join(run_dir, "train.log"), env)
+            print(f"  {spec['name']}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
+            return spec["name"], metrics
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            results.update(pool.map(one, todo))
+        return results
+
+
+def wsd_plan(iters: int) -> list[tuple[int, int]]:
+    """(budget, branch point) per WSD budget: each cool-down decays over the last 20%."""
+    budgets = sorted({max(2, round(iters * f)) for f in WSD_BUDGET_FRACTIONS})
+    return [(b, b - max(1, round(b * WSD_COOLDOWN_FRACTION))) for b in budgets]
+
+
+def run_wsd(runner: Runner, points: list[tuple[str, float, int]]) -> dict[tuple[str, int], dict[int, str | None]]:
+    """For each (arch, lr, seed): one constant-rate run saving at every branch point, then a
+    linear cool-down branched from each (``--load --ckpt-step``: weights, optimizer state and
+    data position of that step). Returns {(arch, seed): {budget: metrics}}."""
+    plan = wsd_plan(runner.cfg["iters"])
+    branch_points = [k for _, k in plan]
+    stables, branches, names = [], [], {}
+    for arch, lr, seed in points:
+        warmup = ["--lr-warmup-iters", str(warmup_iters(arch, runner.cfg["iters"]))]
+        stable = run_name(arch, lr, seed=seed, part="wsd_stable")
+        ckpt = os.path.join(runner.out, "runs", stable, "ckpt")
+        save = ["--save", ckpt, "--save-interval", str(math.gcd(*branch_points)), "--overwrite-save"]
+        stables.append(
+            dict(
+                name=stable,
+                arch=arch,
+                lr=lr,
+                seed=seed,
+                iters=max(branch_points),
+                extra=[*warmup, "--lr-decay-style", "constant", *save],
+            )
+        )
+        for budget, k in plan:
+            name = run_name(arch, lr, seed=seed, part=f"wsd{budget}")
+            names[(arch, seed, budget)] = name
+            cooldown = [
+                "--lr-decay-style",
+                "wsd",
+                "--lr-decay-iters",
+                str(budget),
+                "--lr-wsd-decay-iters",
+                str(budget - k),
+            ]
+            branches.append(
+                dict(
+                    name=name,
+                    arch=arch,
+                    lr=lr,
+                    seed=seed,
+                    iters=budget,
+                    extra=[*warmup, *cooldown, "--load", ckpt, "--ckpt-step", str(k)],
+                )
+            )
+    runner.run(stables)
+    paths = runner.run(branches)
+    out: dict[tuple[str, int], dict[int, str | None]] = {}
+    for (arch, seed, budget), name in names.items():
+        out.setdefault((arch, seed), {})[budget] = paths[name]
+    return out
+
+
+def final_val(metrics_path: str | None) -> float:
+    evals = read_metrics(metrics_path)["eval"] if metrics_path and os.path.exists(metrics_path) else []
     loss = evals[-1]["val_loss"] if evals else math.nan
     return loss if math.isfinite(loss) else math.inf
 
 
-def summarize(out, cfg, sweep: dict, ablations: dict) -> dict:
-    best = {a: min(sweep[a], key=lambda lr: final_val(sweep[a][lr])) for a in sweep}
+def best_lr(runs: dict[float, str | None]) -> float:
+    return min(runs, key=lambda lr: final_val(runs[lr]))
+
+
+def summarize(cfg, sweep: dict, seed_runs: dict, wsd: dict, ablations: dict) -> dict:
+    """Every figure the markdown reports, computed from the runs' metrics files."""
+    best = {a: best_lr(sweep[a]) for a in sweep}
     curves = {a: val_curve(read_metrics(sweep[a][best[a]])) for a in sweep}
     base = curves.get("gptplus")
     summary = dict(
@@ -201,24 +336,64 @@ def summarize(out, cfg, sweep: dict, ablations: dict) -> dict:
         best_lr=best,
         final_val_loss={},
         lr_sensitivity={},
+        lr_bracketed={},
         steps_speedup_vs_gptplus={},
         steps_to_gptplus_final={},
         step_time_ratio_vs_gptplus={},
+        seeds={},
+        wsd={},
         ablations={},
     )
     step_time = {a: median_step_time(read_metrics(sweep[a][best[a]])) for a in sweep}
     for a in sweep:
         summary["final_val_loss"][a] = final_val(sweep[a][best[a]])
-        summary["lr_sensitivity"][a] = {f"{lr:g}": final_val(p) for lr, p in sweep[a].items()}
+        losses = {lr: final_val(p) for lr, p in sweep[a].items()}
+        summary["lr_sensitivity"][a] = {f"{lr:g}": v for lr, v in sorted(losses.items())}
+        summary["lr_bracketed"][a] = len(losses) > 1 and bracket_extension(losses) is None
         if base is not None:
             summary["steps_speedup_vs_gptplus"][a] = step_speedup(base, curves[a])
             summary["steps_to_gptplus_final"][a] = steps_to_reach(curves[a], base[-1][1])
             summary["step_time_ratio_vs_gptplus"][a] = step_time[a] / step_time["gptplus"]
+    finished = {a: {s: p for s, p in runs.items() if p} for a, runs in seed_runs.items()}
+    if any(len(runs) > 1 for runs in finished.values()):
+        seed_curves = {a: {s: val_curve(read_metrics(p)) for s, p in runs.items()} for a, runs in finished.items()}
+        for a, runs in finished.items():
+            entry = dict(final_val_loss=spread([final_val(p) for p in runs.values()]), seeds=sorted(runs))
+            if "gptplus" in seed_curves:
+                pairs = [
+                    step_speedup(seed_curves["gptplus"][s], c)
+                    for s, c in seed_curves[a].items()
+                    if s in seed_curves["gptplus"]
+                ]
+                entry["speedup_per_seed"] = [None if x is None else round(x, 4) for x in pairs]
+                entry["speedup_per_seed_spread"] = spread([x for x in pairs]) if all(pairs) and pairs else None
+                entry["speedup_of_mean_curves"] = step_speedup(
+                    mean_curve(list(seed_curves["gptplus"].values())), mean_curve(list(seed_curves[a].values()))
+                )
+            summary["seeds"][a] = entry
+    if wsd:
+        by_arch: dict[str, dict[int, list[float]]] = {}
+        for (a, _seed), budgets in wsd.items():
+            for budget, p in budgets.items():
+                if p:
+                    by_arch.setdefault(a, {}).setdefault(budget, []).append(final_val(p))
+        means = {a: {b: statistics.fmean(v) for b, v in sorted(bs.items())} for a, bs in by_arch.items()}
+        full = cfg["iters"]
+        target = means.get("gptplus", {}).get(full)
+        for a, m in means.items():
+            steps = budget_to_reach(list(m.items()), target) if target is not None else None
+            summary["wsd"][a] = dict(
+                final_val_loss={str(b): v for b, v in m.items()},
+                runs_per_budget={str(b): len(v) for b, v in sorted(by_arch[a].items())},
+                steps_to_gptplus_final=steps,
+                speedup_vs_gptplus=None if steps is None else full / steps,
+                speedup_is_lower_bound=steps is not None and steps <= min(m),
+            )
     for name, path in ablations.items():
         summary["ablations"][name] = dict(
             final_val_loss=final_val(path),
             speedup_vs_gptplus=step_speedup(base, val_curve(read_metrics(path)))
-            if base and os.path.exists(path) and read_metrics(path)["eval"]
+            if base and path and os.path.exists(path) and read_metrics(path)["eval"]
             else None,
         )
     return summary
@@ -243,13 +418,52 @@ def markdown(summary: dict) -> str:
     lrs = sorted({lr for v in summary["lr_sensitivity"].values() for lr in v}, key=float)
     lines += [
         "",
-        "Final validation loss across the learning-rate sweep:",
+        "Final validation loss across the learning-rate sweep (best in bold; bracketed: a worse rate was tried on "
+        "both sides of it):",
         "",
-        "| arch | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
-        "| --- |" + " --- |" * len(lrs),
+        "| arch | " + " | ".join(f"lr {lr}" for lr in lrs) + " | bracketed |",
+        "| --- |" + " --- |" * (len(lrs) + 1),
     ]
     for a, v in summary["lr_sensitivity"].items():
-        lines.append(f"| {a} | " + " | ".join(f(v.get(lr)) for lr in lrs) + " |")
+        best = f"{summary['best_lr'][a]:g}"
+        cells = [(f"**{f(v[lr])}**" if lr == best else f(v[lr])) if lr in v else "" for lr in lrs]
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {'yes' if summary['lr_bracketed'][a] else 'no'} |")
+    if summary["seeds"]:
+        lines += [
+            "",
+            "Seeds (data order and initialization) at each architecture's best learning rate:",
+            "",
+            "| arch | seeds | final val loss mean | std | min-max | speedup vs GPT+ per seed pair | mean (min-max) "
+            "| speedup of the mean curves |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for a, e in summary["seeds"].items():
+            fv, sp = e["final_val_loss"], e.get("speedup_per_seed_spread")
+            per_seed = ", ".join(f(x, ".2f") for x in e.get("speedup_per_seed", []))
+            speedup_range = f"{f(sp['mean'], '.2f')} ({f(sp['min'], '.2f')}-{f(sp['max'], '.2f')})" if sp else "n/a"
+            lines.append(
+                f"| {a} | {fv['n']} | {f(fv['mean'])} | {f(fv['std'])} | {f(fv['min'])}-{f(fv['max'])} | {per_seed} "
+                f"| {speedup_range} "
+                f"| {f(e.get('speedup_of_mean_curves'), '.2f')} |"
+            )
+    if summary["wsd"]:
+        budgets = sorted({int(b) for e in summary["wsd"].values() for b in e["final_val_loss"]})
+        lines += [
+            "",
+            "Warmup-stable-decay: final validation loss after a cool-down over the last 20% of each budget, branched "
+            "from one constant-rate run (mean over seeds); steps to reach GPT+'s loss at the full budget, "
+            "interpolated in log(steps):",
+            "",
+            "| arch | " + " | ".join(f"{b} steps" for b in budgets) + " | steps to GPT+'s final | speedup vs GPT+ |",
+            "| --- |" + " --- |" * (len(budgets) + 2),
+        ]
+        for a, e in summary["wsd"].items():
+            cells = [f(e["final_val_loss"].get(str(b))) for b in budgets]
+            bound = "<= " if e["speedup_is_lower_bound"] else ""
+            speed = (">= " if e["speedup_is_lower_bound"] else "") + f(e["speedup_vs_gptplus"], ".2f")
+            lines.append(
+                f"| {a} | " + " | ".join(cells) + f" | {bound}{f(e['steps_to_gptplus_final'], '.0f')} | {speed} |"
+            )
     if summary["ablations"]:
         lines += [
             "",
@@ -266,10 +480,16 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_specs(sweep_lrs: dict[str, list[float]]) -> list[dict]:
+    return [dict(name=run_name(a, lr), arch=a, lr=lr) for a, lrs in sweep_lrs.items() for lr in lrs]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true", help="two tiny runs, a few steps (the test suite's check)")
+    p.add_argument("--smoke", action="store_true", help="tiny runs, a few steps (the test suite's check)")
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="kjv")
+    p.add_argument("--size", choices=("small", "medium"), default="small", help="medium: 6 layers of d=256")
     p.add_argument("--archs", nargs="*", default=None)
     p.add_argument(
         "--lrs",
@@ -277,6 +497,22 @@ def main(argv=None) -> int:
         default=None,
         metavar="[ARCH:]LR",
         help="learning rates to sweep (default: the config's); ARCH:LR sweeps LR for ARCH only",
+    )
+    p.add_argument(
+        "--bracket",
+        type=int,
+        default=0,
+        metavar="N",
+        help="extend each sweep by factors of 2, at most N times, until its best rate has a worse one on both sides",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds at each architecture's best learning rate")
+    p.add_argument("--wsd", action="store_true", help="WSD cool-downs at 25/50/100%% of the steps, per seed")
+    p.add_argument("--wsd-seeds", type=int, default=None, help="seeds for --wsd (default: --seeds)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with 2 / jobs threads)")
+    p.add_argument(
+        "--no-full-validation",
+        action="store_true",
+        help="evaluate on successive validation batches (Megatron's default) instead of the whole split each time",
     )
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument(
@@ -293,7 +529,10 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
-    lrs = {arch: cfg["lrs"] for arch in ARCHS}
+    if args.size == "medium" and not args.smoke:
+        cfg["model"] = MEDIUM_MODEL
+    cfg.update(corpus=args.corpus, size=args.size, full_validation=not args.no_full_validation)
+    lrs = {arch: list(cfg["lrs"]) for arch in ARCHS}
     if args.lrs:
         lrs = {
             arch: [float(lr.split(":")[-1]) for lr in args.lrs if ":" not in lr or lr.startswith(arch + ":")]
@@ -302,35 +541,62 @@ def main(argv=None) -> int:
     archs = args.archs or (["gptplus", "angpt"] if args.smoke else list(ARCHS))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    tok, data = prepare_data(args.out, cfg)
-    sweep = {}
-    for arch in archs:
-        print(f"{arch}: learning rates {lrs[arch]}", flush=True)
-        runs = {lr: train(args.out, cfg, tok, data, arch, lr, summarize_only=args.summarize_only) for lr in lrs[arch]}
-        runs = {lr: path for lr, path in runs.items() if path}
-        if runs:
-            sweep[arch] = runs
+    tok, data = prepare_data(args.out, cfg, args.corpus)
+    runner = Runner(args.out, cfg, tok, data, args.jobs, args.summarize_only, not args.no_full_validation)
+
+    # 1. the learning-rate sweep, extended until each best rate is bracketed
+    sweep_lrs = {a: lrs[a] for a in archs if lrs[a]}
+    print(f"sweep: {sweep_lrs}", flush=True)
+    paths = runner.run(sweep_specs(sweep_lrs))
+    for _ in range(args.bracket):
+        extend = {}
+        for a, a_lrs in sweep_lrs.items():
+            losses = {lr: final_val(paths[run_name(a, lr)]) for lr in a_lrs}
+            nxt = bracket_extension(losses) if all(paths[run_name(a, lr)] for lr in a_lrs) else None
+            if nxt is not None:
+                extend[a] = [nxt]
+                a_lrs.append(nxt)
+        if not extend:
+            break
+        print(f"bracketing: {extend}", flush=True)
+        paths.update(runner.run(sweep_specs(extend)))
+    sweep = {
+        a: {lr: paths[run_name(a, lr)] for lr in a_lrs if paths[run_name(a, lr)]} for a, a_lrs in sweep_lrs.items()
+    }
+    sweep = {a: runs for a, runs in sweep.items() if runs}
+    best = {a: best_lr(runs) for a, runs in sweep.items()}
+
+    # 2. seeds at each best rate (the sweep's own run is the first seed)
+    seeds = [SEED + i for i in range(max(1, args.seeds))]
+    seed_specs = [dict(name=run_name(a, best[a], seed=s), arch=a, lr=best[a], seed=s) for a in best for s in seeds[1:]]
+    if seed_specs:
+        print(f"seeds {seeds[1:]} at {best}", flush=True)
+    seed_paths = runner.run(seed_specs)
+    seed_runs = {
+        a: {s: sweep[a][best[a]] if s == SEED else seed_paths[run_name(a, best[a], seed=s)] for s in seeds}
+        for a in best
+    }
+
+    # 3. warmup-stable-decay budgets
+    wsd = {}
+    if args.wsd:
+        wsd_seeds = seeds[: args.wsd_seeds] if args.wsd_seeds else seeds
+        print(f"WSD at {best}, seeds {wsd_seeds}: budgets {wsd_plan(cfg['iters'])}", flush=True)
+        wsd = run_wsd(runner, [(a, best[a], s) for a in best for s in wsd_seeds])
+
+    # 4. anGPT's ablations at its best rate
     ablations = {}
-    if "angpt" in sweep and not (args.no_ablations or args.smoke):
-        lr = min(sweep["angpt"], key=lambda x: final_val(sweep["angpt"][x]))
-        print(f"anGPT ablations at lr {lr:g}", flush=True)
-        for name, flags in ABLATIONS.items():
-            if args.ablations is not None and name not in args.ablations:
-                continue
-            path = train(
-                args.out,
-                cfg,
-                tok,
-                data,
-                "angpt",
-                lr,
-                flags,
-                name=run_name("angpt", lr, name),
-                summarize_only=args.summarize_only,
-            )
-            if path:
-                ablations[name] = path
-    summary = summarize(args.out, cfg, sweep, ablations)
+    if "angpt" in best and not (args.no_ablations or args.smoke):
+        print(f"anGPT ablations at lr {best['angpt']:g}", flush=True)
+        chosen = {n: fl for n, fl in ABLATIONS.items() if args.ablations is None or n in args.ablations}
+        specs = [
+            dict(name=run_name("angpt", best["angpt"], n), arch="angpt", lr=best["angpt"], extra=fl)
+            for n, fl in chosen.items()
+        ]
+        ab_paths = runner.run(specs)
+        ablations = {n: ab_paths[spec["name"]] for n, spec in zip(chosen, specs) if ab_paths[spec["name"]]}
+
+    summary = summarize(cfg, sweep, seed_runs, wsd, ablations)
     summary["wall_time_s"] = time.time() - t0
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
@@ -342,24 +608,46 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.path.join(ROOT, "tools"))
         from plot_runs import plot
 
-        best = [sweep[a][summary["best_lr"][a]] for a in sweep]
         plot(
-            best,
-            [f"{a} (lr {summary['best_lr'][a]:g})" for a in sweep],
+            [sweep[a][best[a]] for a in sweep],
+            [f"{a} (lr {best[a]:g})" for a in sweep],
             os.path.join(args.out, "curves.png"),
             "validation loss, each architecture at its best learning rate",
         )
         if ablations:
             plot(
-                [sweep["angpt"][summary["best_lr"]["angpt"]], *ablations.values()],
+                [sweep["angpt"][best["angpt"]], *ablations.values()],
                 ["anGPT defaults", *ablations],
                 os.path.join(args.out, "ablations.png"),
                 "anGPT ablations",
             )
+        if summary["wsd"]:
+            plot_budgets(summary, os.path.join(args.out, "wsd.png"))
     except ImportError as e:
         print(f"(no plots: {e})")
     print(f"benchmark wall time {summary['wall_time_s'] / 60:.1f} min; results in {args.out}")
     return 0
+
+
+def plot_budgets(summary: dict, output: str) -> None:
+    """Final validation loss against the step budget (WSD cool-downs), one line per architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for a, e in summary["wsd"].items():
+        budgets = sorted(int(b) for b in e["final_val_loss"])
+        ax.plot(budgets, [e["final_val_loss"][str(b)] for b in budgets], marker="o", label=a)
+    ax.set_xscale("log")
+    ax.set_xlabel("steps (each a WSD run cooled down over its last 20%)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

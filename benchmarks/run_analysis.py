@@ -40,3 +40,55 @@ def step_speedup(baseline_curve, curve) -> float | None:
 def median_step_time(metrics: dict, skip_first: int = 1) -> float:
     times = [r["step_time_s"] for r in metrics["train"][skip_first:]] or [r["step_time_s"] for r in metrics["train"]]
     return statistics.median(times)
+
+
+# ---- learning-rate brackets, seeds and budgets ------------------------------------------------
+
+
+def bracket_extension(losses: dict[float, float], factor: float = 2.0) -> float | None:
+    """The next learning rate a sweep needs for its best value to be bracketed, i.e. to have a
+    tried neighbour with a higher final loss on both sides: ``factor`` beyond the best when the
+    best is the largest tried, ``1 / factor`` below it when it is the smallest; None when the
+    best is already inside. A diverged run (inf or nan loss) counts as higher."""
+    clean = {lr: (v if math.isfinite(v) else math.inf) for lr, v in losses.items()}
+    best = min(clean, key=clean.get)
+    if best == max(clean):
+        return best * factor
+    if best == min(clean):
+        return best / factor
+    return None
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min and max (std None for one value)."""
+    values = [float(v) for v in values]
+    return dict(
+        mean=statistics.fmean(values),
+        std=statistics.stdev(values) if len(values) > 1 else None,
+        min=min(values),
+        max=max(values),
+        n=len(values),
+    )
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Pointwise mean of validation curves evaluated at the same iterations."""
+    its = [it for it, _ in curves[0]]
+    if any([it for it, _ in c] != its for c in curves):
+        raise ValueError("curves are evaluated at different iterations")
+    return [(it, statistics.fmean(c[i][1] for c in curves)) for i, it in enumerate(its)]
+
+
+def budget_to_reach(points: list[tuple[int, float]], target: float) -> float | None:
+    """Steps needed to end at ``target`` from (budget, final loss) points of runs that each
+    completed their schedule (WSD cool-downs): interpolated linearly in log(budget) between
+    the two budgets that bracket the target; the smallest budget when it already reaches it
+    (a bound: fewer steps might do); None when even the largest does not."""
+    points = sorted(points)
+    if points[0][1] <= target:
+        return float(points[0][0])
+    for (b0, l0), (b1, l1) in zip(points, points[1:]):
+        if l1 <= target:
+            w = (l0 - target) / (l0 - l1)
+            return math.exp(math.log(b0) + w * (math.log(b1) - math.log(b0)))
+    return None

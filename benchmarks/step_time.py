@@ -5,20 +5,26 @@
     python benchmarks/step_time.py --profile angpt # where anGPT's time goes (torch.profiler)
     python benchmarks/step_time.py --compare-nu-att # anGPT under each --nu-att option, and GPT+
     python benchmarks/step_time.py --document-length 64 --compare-masking  # the cost of document masking
+    python benchmarks/step_time.py --torch-compile   # the blocks' elementwise chains compiled (all models)
+    python benchmarks/step_time.py --compare-compile # GPT+ and anGPT, eager and compiled
 
 Interleaving (one step of each architecture per round) exposes all three to the same machine
-state, so the ratios are fair even when absolute times drift. Prints a markdown table.
+state, so the ratios are fair even when absolute times drift. The interleaved measurement
+(``--steps`` rounds) is repeated ``--repeats`` times; each repetition gives one ratio to GPT+
+(of median step times), and the table reports the median ratio over repetitions and its range.
+The load average before and after, the threads and the pinning are printed with it. On a
+shared machine use ``--threads 1 --cpu-time``. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import paper  # benchmarks/, this script's directory
 import torch
+from timing import fix_threads, load_average, machine, ratio_summary
 
 from an_megatron.model import ARCHS, GPTModel, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
@@ -33,7 +39,8 @@ def main():
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="interleaved rounds per repetition")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions of the interleaved measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--nu-att", default=ModelConfig.nu_att)
     p.add_argument(
@@ -52,8 +59,16 @@ def main():
         action="store_true",
         help="time anGPT once per --nu-att option (and GPT+) instead of the three architectures",
     )
+    p.add_argument("--torch-compile", action="store_true", help="every model with --torch-compile")
+    p.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="time GPT+ and anGPT eager and with --torch-compile (ratios to eager GPT+)",
+    )
     p.add_argument("--profile", choices=ARCHS, default=None, help="profile one architecture instead")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads, pinned to as many cores (default: torch's, unpinned)"
+    )
     p.add_argument(
         "--cpu-time",
         action="store_true",
@@ -62,8 +77,8 @@ def main():
     )
     args = p.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = fix_threads(args.threads)
+    load_before = load_average()
     clock = time.process_time if args.cpu_time else time.perf_counter
     initialize_parallel(1, 1)
     torch.manual_seed(0)
@@ -74,19 +89,30 @@ def main():
         vocab_size=args.vocab_size,
         seq_length=args.seq_length,
     )
-    masked = bool(args.document_length)
+    masked, compile_ = bool(args.document_length), args.torch_compile
     if args.compare_nu_att:
         variants = {
-            "gptplus": ("gptplus", args.nu_att, masked),
-            **{f"angpt nu_att={o}": ("angpt", o, masked) for o in NU_ATT_OPTIONS},
+            "gptplus": ("gptplus", args.nu_att, masked, compile_),
+            **{f"angpt nu_att={o}": ("angpt", o, masked, compile_) for o in NU_ATT_OPTIONS},
         }
     elif args.compare_masking:
         variants = {
-            f"{a}{' masked' if m else ''}": (a, args.nu_att, m) for a in ("gptplus", "angpt") for m in (False, True)
+            f"{a}{' masked' if m else ''}": (a, args.nu_att, m, compile_)
+            for a in ("gptplus", "angpt")
+            for m in (False, True)
+        }
+    elif args.compare_compile:
+        variants = {
+            f"{a}{' compiled' if c else ''}": (a, args.nu_att, masked, c)
+            for a in ("gptplus", "angpt")
+            for c in (False, True)
         }
     else:
-        variants = {a: (a, args.nu_att, masked) for a in ARCHS}
-    models = {name: GPTModel(ModelConfig(arch=a, nu_att=o, **shape)) for name, (a, o, _) in variants.items()}
+        variants = {a: (a, args.nu_att, masked, compile_) for a in ARCHS}
+    models = {
+        name: GPTModel(ModelConfig(arch=a, nu_att=o, torch_compile=c, **shape))
+        for name, (a, o, _, c) in variants.items()
+    }
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_length + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     masking = {}
@@ -116,29 +142,36 @@ def main():
         destroy_parallel()
         return
 
-    times = {a: [] for a in models}
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.warmup):
         for a in models:
-            t = step(a)
-            if i >= args.warmup:
-                times[a].append(t)
+            step(a)
+    runs = []  # per repetition: {variant: [step times]}
+    for _ in range(args.repeats):
+        times = {a: [] for a in models}
+        for _ in range(args.steps):
+            for a in models:
+                times[a].append(step(a))
+        runs.append(times)
     destroy_parallel()
-    med = {a: statistics.median(t) for a, t in times.items()}
+    load_after = load_average()
+    base = "gptplus" if "gptplus" in models else next(iter(models))
+    ratios = {a: [statistics.median(t[a]) / statistics.median(t[base]) for t in runs] for a in models}
     print(
         f"# step time (forward+backward), d={args.hidden_size} L={args.num_layers} H={args.num_attention_heads} "
         f"T={args.seq_length} batch={args.batch} V={args.vocab_size} nu_att={args.nu_att}"
-        f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}, "
-        f"median of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); "
-        f"torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}"
+        f"{f', documents of ~{args.document_length} tokens, masked' if args.document_length else ''}"
+        f"{', --torch-compile' if args.torch_compile else ''}; "
+        f"{args.repeats} repetitions of {args.steps} interleaved steps ({'CPU' if args.cpu_time else 'wall'} time); "
+        f"torch {torch.__version__}, {threads}, {machine()}; "
+        f"load average (1/5/15 min) before {load_before}, after {load_after}"
     )
-    print("| arch | median step (ms) | min (ms) | ratio to GPT+ | paper (A100) |")
+    print(f"| arch | median step (ms) | min (ms) | ratio to {base}: median [range] over repetitions | paper (A100) |")
     print("| --- | --- | --- | --- | --- |")
     for a in models:
+        all_times = [x for t in runs for x in t[a]]
         print(
-            f"| {a} | {med[a] * 1e3:.1f} | {min(times[a]) * 1e3:.1f} | {med[a] / med['gptplus']:.3f} | "
-            f"{paper.STEP_TIME_RATIO.get(a, '')} |"
+            f"| {a} | {statistics.median(all_times) * 1e3:.1f} | {min(all_times) * 1e3:.1f} | "
+            f"{ratio_summary(ratios[a])} | {paper.STEP_TIME_RATIO.get(a, '')} |"
         )
 
 

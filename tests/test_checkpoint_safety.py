@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from an_megatron.training.checkpointing import LOCK
 from tests.test_training import MOCK, ROOT, TINY
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}  # the subprocesses import this checkout's packages
@@ -241,3 +242,77 @@ def test_reshard_refuses_a_directory_with_checkpoints(finished, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert latest(out) == "iter_0000002" and checkpoint_names(out) == ["iter_0000001", "iter_0000002", "latest"]
     assert snapshot(out)["iter_0000001/an_megatron.json"] == before["iter_0000001/an_megatron.json"]
+
+
+def loads(d):
+    """``latest`` of ``d`` (if any) names a complete checkpoint: its files all load (consolidate
+    reads the model states and the ZeRO optimizer states) at the iteration its metadata says."""
+    from an_megatron.training.convert import consolidate
+
+    if not os.path.exists(d / "latest"):
+        return None
+    tag = latest(d)
+    got = consolidate(str(d))
+    assert tag == f"iter_{got['iteration']:07d}", (tag, got["iteration"])
+    return got["iteration"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_kill_9_at_random_moments_never_leaves_a_latest_that_fails_to_load(tmp_path):
+    """SIGKILL at seeded random moments while checkpoints are being written (a save every
+    iteration; a kill follows a new name appearing in --save, after a random delay), then at a
+    random moment of a relaunch of the finished run. After every kill ``latest`` loads, and each
+    relaunch resumes from it."""
+    import random
+
+    rng = random.Random(14)
+    d, iters = tmp_path / "ck", 10
+    log = tmp_path / "stderr"
+
+    def launch():
+        # no `latest` yet (killed before the first was written): start afresh, as the refusal says
+        resume = ["--load", d] if os.path.exists(d / "latest") else ["--overwrite-save"]
+        with open(log, "w") as err:
+            return subprocess.Popen(
+                cmd("--train-iters", iters, "--save", d, "--save-interval", 1, *resume),
+                cwd=ROOT,
+                env=ENV,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def names(d):
+        return set(os.listdir(d)) if os.path.isdir(d) else set()
+
+    def kill(p):
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        assert p.returncode in (0, -signal.SIGKILL), log.read_text()[-3000:]  # a resume never fails
+
+    kills, mid_save = 0, 0
+    while kills < 3 or (not mid_save and kills < 6):  # at least one kill lands inside a save
+        seen = {LOCK, *names(d)}
+        p, skip, deadline = launch(), rng.randint(0, 2), time.time() + 120  # skip: new names to let pass
+        while p.poll() is None and time.time() < deadline:
+            if len(names(d) - seen) > skip:
+                time.sleep(rng.uniform(0, 0.02))  # while saving, publishing, or just after
+                break
+            time.sleep(0.002)
+        killed = p.poll() is None
+        kill(p)
+        kills += killed
+        mid_save += killed and any(".tmp-" in n for n in names(d))
+        if loads(d) == iters:  # it finished before the kill: start again
+            shutil.rmtree(d)
+    assert mid_save, "no kill landed inside a save"
+
+    p = launch()  # the rest of the run
+    assert p.wait(timeout=240) == 0, log.read_text()[-3000:]
+    assert loads(d) == iters and not [n for n in os.listdir(d) if ".tmp" in n]  # leftovers removed
+
+    p = launch()  # a relaunch of the finished run, killed while it starts, loads or stops
+    time.sleep(rng.uniform(1, 12))
+    kill(p)
+    assert loads(d) == iters and latest(d) == f"iter_{iters:07d}"

@@ -10,7 +10,7 @@ import time
 from argparse import Namespace
 
 import pytest
-from test_data_support import REPO, finished_outputs, tool_env, write_jsonl
+from test_data_support import REPO, finished_outputs, run_tool, tool_env, write_jsonl
 
 from an_megatron.data import DataError, IndexedDatasetError, check_indexed_dataset
 from an_megatron.data.preprocess import preprocess
@@ -85,29 +85,20 @@ def test_missing_input_is_an_error(tmp_path):
         run_preprocess(str(tmp_path / "nothing*.jsonl"), str(tmp_path))
 
 
+def preprocess_cli(corpus, output_prefix, *flags):
+    """tools/preprocess_data.py on `corpus` with NullTokenizer (100 ids); the finished process."""
+    return run_tool(
+        "preprocess_data.py",
+        *("--input", corpus, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"),
+        *("--output-prefix", output_prefix, *flags),
+        timeout=100,
+    )
+
+
 @pytest.mark.timeout(120)
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [GOOD, '{"text": 5}'])
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "preprocess_data.py"),
-            "--input",
-            corpus,
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            "100",
-            "--output-prefix",
-            str(tmp_path / "out" / "x"),
-            "--workers",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        env=tool_env(),
-    )
+    done = preprocess_cli(corpus, tmp_path / "out" / "x", "--workers", "2")
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
         f"error: {corpus}:2: key 'text' holds a int, not a string (use --skip-bad-lines to skip such lines)"
@@ -173,3 +164,28 @@ def test_interrupted_run_leaves_no_finished_output(tmp_path, big_corpus, signum)
         assert all(".tmp." in n for n in os.listdir(out_dir))
     else:
         assert os.listdir(out_dir) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "lines, skip, counts",
+    [
+        ([], False, "0 bad lines skipped, 0 blank lines, 0 empty documents"),
+        (["", {"text": ""}, {"text": " "}], False, "0 bad lines skipped, 1 blank lines, 2 empty documents"),
+        (
+            ['{"text": 5}', "[1]", ""],
+            True,
+            "2 bad lines skipped, 1 blank lines, 0 empty documents; the first bad line: {corpus}:1: "
+            "key 'text' holds a int, not a string",
+        ),
+    ],
+    ids=["empty-file", "only-empty-documents", "all-bad-lines-skipped"],
+)
+def test_a_corpus_without_documents_is_an_error_and_writes_nothing(tmp_path, lines, skip, counts):
+    corpus = write_jsonl(tmp_path / "c.jsonl", lines)
+    done = preprocess_cli(corpus, tmp_path / "out" / "x", "--append-eod", *(["--skip-bad-lines"] if skip else []))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: {corpus}: no documents for key 'text' ({counts.format(corpus=corpus)}): nothing written"
+    ]
+    assert os.listdir(tmp_path / "out") == []

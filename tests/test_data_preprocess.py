@@ -2,6 +2,7 @@
 reader for each tokenizer type, worker counts, gzip input, long lines in tokenizer training."""
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -89,7 +90,13 @@ def test_round_trip(tmp_path, corpus, sp_model, kind):
         assert tokenizer.detokenize(ids[:-1].tolist()) == text
     info = check_indexed_dataset(prefix)
     assert f"tokens: {info.num_tokens}" in done.stdout
-    assert sorted(os.listdir(tmp_path / "out")) == ["kjv_text_document.bin", "kjv_text_document.idx"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "kjv_text_document.bin",
+        "kjv_text_document.idx",
+        "kjv_text_document.stats.json",
+    ]
+    largest = max(int(ids.max()) for ids in dataset[0:NUM_DOCS])
+    assert json.load(open(prefix + ".stats.json"))["max_token_id"] == largest
 
 
 @pytest.mark.timeout(120)

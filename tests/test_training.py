@@ -241,7 +241,7 @@ def test_refused_configurations(case, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_nonfinite_steps_stop_training_and_keep_checkpoint(tmp_path):
+def test_nonfinite_steps_stop_training_and_save_no_checkpoint_of_overflowing_weights(tmp_path):
     # GPT+ (no norm bound) with an absurd learning rate: the first step blows the weights up,
     # then every loss is non-finite and skipped, until the limit stops the run.
     out = run(
@@ -273,7 +273,13 @@ def test_nonfinite_steps_stop_training_and_keep_checkpoint(tmp_path):
         ]
     )
     assert out.returncode == 1, out.stderr[-3000:]
-    assert "3 consecutive steps with a non-finite loss or gradient" in out.stderr
-    latest = open(tmp_path / "ck" / "latest").read().strip()
-    assert latest == "iter_0000001"  # nothing saved during the non-finite streak
+    # Step 1 had a finite loss and gradient but left weights of about 1e30: their squared norm
+    # overflows, so that checkpoint is not saved; nothing is saved during the non-finite streak.
+    assert "not saving the checkpoint of iteration 1: the weights' norm is inf" in out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: 3 consecutive steps with a non-finite loss or gradient (iterations 2 to 4); stopping. "
+        "No checkpoint was saved in this run before the first of them"
+    ], out.stderr[-3000:]
+    assert not (tmp_path / "ck" / "latest").exists() and not list((tmp_path / "ck").glob("iter_*"))
     assert "number of skipped iterations:   3" in out.stdout

@@ -534,6 +534,13 @@ REFUSED = {  # flags (after the tiny model and mock data), ds.json written for t
         "--split 99999,1,0: the validation split of {corpus}/kjv_text_document gets none of its 1189 documents",
         1,
     ),
+    # every rank checks the outputs before anything starts, and all stop with the same line
+    "save-not-writable": (
+        ["--save", "/dev/null/ck"],
+        None,
+        "--save /dev/null/ck: would be inside /dev/null, which is not a directory",
+        2,
+    ),
     # tensorboard made unimportable (NO_TENSORBOARD on PYTHONPATH), installed or not
     "tensorboard-missing": (
         ["--tensorboard-dir", "{tmp}/out/tb"],

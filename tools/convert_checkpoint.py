@@ -23,29 +23,37 @@ import sys
 
 import torch
 
+from an_megatron.cli import ArgumentParser, output_dir, output_file, positive_int
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("consolidate", help="checkpoint directory -> one fp32 file")
     c.add_argument("--load", required=True, help="checkpoint directory (holds 'latest' and iter_NNNNNNN/)")
     c.add_argument("--tag", default=None, help="iteration directory to read (default: the one 'latest' names)")
-    c.add_argument("--output", required=True, help="file to write (torch.save)")
+    c.add_argument("--output", type=output_file, required=True, help="file to write (torch.save)")
     r = sub.add_parser("reshard", help="consolidated file or checkpoint directory -> weights-only checkpoint")
     r.add_argument("--input", required=True, help="consolidated file, or a checkpoint directory")
-    r.add_argument("--save", required=True, help="directory to write the checkpoint to")
+    r.add_argument("--save", type=output_dir, required=True, help="directory to write the checkpoint to")
     r.add_argument(
         "--overwrite-save",
         action="store_true",
         help="write into a --save directory that already holds checkpoints (an existing tag is still refused)",
     )
-    r.add_argument("--target-tensor-model-parallel-size", type=int, default=1)
-    r.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
+    r.add_argument("--target-tensor-model-parallel-size", type=positive_int, default=1)
+    r.add_argument("--target-pipeline-model-parallel-size", type=positive_int, default=1)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from an_megatron.training.convert import ConvertError, consolidate, refuse_existing, write_layout
+    from an_megatron.training.convert import (
+        ConvertError,
+        check_target_layout,
+        consolidate,
+        refuse_existing,
+        write_layout,
+    )
 
     args = parse_args(argv)
     try:
@@ -62,9 +70,13 @@ def main(argv=None) -> int:
         refuse_existing(args.save, args.overwrite_save)  # before anything is written there
         src = args.input
         if os.path.isdir(src):  # consolidate on the fly, next to the output
+            obj = consolidate(args.input)
+            check_target_layout(
+                obj["config"], args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
+            )
             os.makedirs(args.save, exist_ok=True)
             src = os.path.join(args.save, "consolidated.pt")
-            torch.save(consolidate(args.input), src)
+            torch.save(obj, src)
         out = write_layout(
             src,
             args.save,

@@ -18,20 +18,22 @@ import sys
 
 import torch
 
+from an_megatron.cli import ArgumentParser, positive_int, seed_int
 from an_megatron.model import GPTModel
 from an_megatron.model.arguments import add_model_args, model_config_from_args
 from an_megatron.model.diagnostics import measure_norms
 from an_megatron.model.factors import NU_ATT_OPTIONS
 from an_megatron.model.gpt import Attention
 from an_megatron.parallel import destroy_parallel, initialize_parallel
+from an_megatron.training.arguments import MODEL_FIELD_FLAGS, config_error
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of random tokens / the model")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--vocab-size", type=positive_int, default=32000, help="vocabulary of random tokens / the model")
+    p.add_argument("--micro-batch-size", type=positive_int, default=4)
+    p.add_argument("--seed", type=seed_int, default=1234)
     p.add_argument(
         "--data-path", default=None, help="prefix of a preprocessed corpus (.bin/.idx); random tokens if absent"
     )
@@ -48,13 +50,27 @@ def parse_args(argv=None):
         default=None,
         help="with --load: measure the loaded weights under this attention factor instead of their own",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.with_nu_att and not args.load:
+        p.error(f"--with-nu-att {args.with_nu_att} needs --load (without it, give --nu-att)")
+    if not args.load:
+        try:
+            args.config = model_config_from_args(args, args.vocab_size)
+        except ValueError as e:
+            p.error(str(config_error(e, {**MODEL_FIELD_FLAGS, "vocab_size": "--vocab-size"})))
+    return args
 
 
 def corpus_tokens(prefix: str, batch: int, seq: int, vocab: int) -> torch.Tensor:
     """The first ``batch * seq`` tokens of the corpus, as ``(batch, seq)``."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from an_megatron.data import DataError, check_indexed_dataset
+
+    try:
+        check_indexed_dataset(prefix)
+    except DataError as e:
+        raise SystemExit(f"error: --data-path: {e}") from None
     ds = IndexedDataset(prefix)
     need, chunks, i = batch * seq, [], 0
     while sum(map(len, chunks)) < need and i < len(ds):
@@ -62,9 +78,9 @@ def corpus_tokens(prefix: str, batch: int, seq: int, vocab: int) -> torch.Tensor
         i += 1
     tokens = torch.cat(chunks)[:need]
     if tokens.numel() < need:
-        raise SystemExit(f"--data-path {prefix}: corpus has {tokens.numel()} tokens, need {need}")
+        raise SystemExit(f"error: --data-path {prefix}: corpus has {tokens.numel()} tokens, need {need}")
     if int(tokens.max()) >= vocab:
-        raise SystemExit(f"--data-path {prefix}: token id {int(tokens.max())} >= --vocab-size {vocab}")
+        raise SystemExit(f"error: --data-path {prefix}: token id {int(tokens.max())} >= --vocab-size {vocab}")
     return tokens.view(batch, seq)
 
 
@@ -105,7 +121,7 @@ def main(argv=None) -> int:
             config = model.config
             args.vocab_size, args.seq_length = config.vocab_size, config.seq_length
         else:
-            config = model_config_from_args(args, args.vocab_size)
+            config = args.config
             model = GPTModel(config)
         if args.data_path:
             tokens = corpus_tokens(args.data_path, args.micro_batch_size, args.seq_length, args.vocab_size)

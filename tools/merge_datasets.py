@@ -7,18 +7,23 @@ Every input is validated first; all must share one token dtype. The output is wr
 temporary names and renamed when complete.
 """
 
-import argparse
 import sys
 
+from an_megatron.cli import ArgumentParser, output_prefix
 from an_megatron.data.cli import run_tool
 
 
 def main(argv=None) -> None:
     from an_megatron.data.merge import merge_datasets
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="dataset prefixes (without .bin/.idx) to concatenate")
-    parser.add_argument("--output-prefix", required=True, help="writes {output-prefix}.bin and .idx")
+    parser.add_argument(
+        "--output-prefix",
+        type=output_prefix,
+        required=True,
+        help="writes {output-prefix}.bin and .idx (and .stats.json when every input has one)",
+    )
     args = parser.parse_args(argv)
     info = merge_datasets(args.input, args.output_prefix)
     print(

@@ -11,7 +11,32 @@ import itertools
 import os
 import sys
 
+from an_megatron.cli import ArgumentParser, output_file
 from an_megatron.training.metrics import read_metrics
+
+# the formats matplotlib's Agg backend writes (without the ones that need extra packages)
+IMAGE_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")
+
+
+TRAIN_KEYS, EVAL_KEYS = ("step_time_s", "consumed_tokens"), ("val_loss",)
+
+
+def read_runs(paths: list[str]) -> dict[str, dict]:
+    """Each file's metrics (``read_metrics``); ValueError naming the file for one that cannot be
+    plotted, or when no file has an evaluation record."""
+    runs = {}
+    for path in paths:
+        m = runs[path] = read_metrics(path)
+        for kind, keys in (("train", TRAIN_KEYS), ("eval", EVAL_KEYS)):
+            for r in m[kind]:
+                missing = [k for k in keys if not isinstance(r.get(k), (int, float))]
+                if missing:
+                    raise ValueError(f"{path}: iteration {r['iteration']}: no number under {', '.join(missing)}")
+        if not m["eval"]:
+            print(f"warning: {path} has no evaluation records; skipped", file=sys.stderr)
+    if not any(m["eval"] for m in runs.values()):
+        raise ValueError(f"no evaluation records (val_loss) in {', '.join(paths)}: nothing to plot")
+    return runs
 
 
 def plot(paths: list[str], labels: list[str], output: str, title: str | None = None) -> None:
@@ -20,11 +45,11 @@ def plot(paths: list[str], labels: list[str], output: str, title: str | None = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = read_runs(paths)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     for path, label in zip(paths, labels):
-        m = read_metrics(path)
+        m = runs[path]
         if not m["eval"]:
-            print(f"warning: {path} has no evaluation records; skipped", file=sys.stderr)
             continue
         its = [r["iteration"] for r in m["eval"]]
         losses = [r["val_loss"] for r in m["eval"]]
@@ -54,9 +79,9 @@ def plot(paths: list[str], labels: list[str], output: str, title: str | None = N
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", nargs="+", help="metrics JSONL files (--metrics-file of each run)")
-    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--output", type=output_file, required=True, help="image to write (.png, .pdf, .svg, ...)")
     p.add_argument("--labels", nargs="*", default=None, help="one per file (default: the file's folder name)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
@@ -66,7 +91,14 @@ def main(argv=None) -> int:
     for m in args.metrics:
         if not os.path.isfile(m):
             p.error(f"{m}: no such file")
-    plot(args.metrics, labels, args.output, args.title)
+    ext = os.path.splitext(args.output)[1].lstrip(".").lower()
+    if ext not in IMAGE_FORMATS:
+        p.error(f"--output {args.output}: expected an image file name ending in one of .{', .'.join(IMAGE_FORMATS)}")
+    try:
+        plot(args.metrics, labels, args.output, args.title)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output}")
     return 0
 

@@ -11,12 +11,13 @@ Same flags and output as Megatron-LM's tools/preprocess_data.py, plus --skip-bad
 import argparse
 import sys
 
+from an_megatron.cli import ArgumentParser, output_prefix, positive_int
 from an_megatron.data.cli import run_tool
 from an_megatron.data.tokenizers import TOKENIZER_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_argument_group("input data")
     group.add_argument(
         "--input", nargs="+", required=True, help="jsonl or jsonl.gz files or globs, one JSON object per line"
@@ -35,21 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tokenizer-model", help="SentencePiece .model or HuggingFace tokenizer.json")
     group.add_argument("--vocab-file", help="GPT-2 vocab.json")
     group.add_argument("--merge-file", help="GPT-2 merges.txt")
-    group.add_argument("--vocab-size", type=int, help="NullTokenizer's number of ids (eod is this id)")
+    group.add_argument("--vocab-size", type=positive_int, help="NullTokenizer's number of ids (eod is this id)")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin and .idx")
+    group.add_argument(
+        "--output-prefix",
+        type=output_prefix,
+        required=True,
+        help="writes {prefix}_{key}_document.bin, .idx and .stats.json (largest token id, tokenizer)",
+    )
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    group.add_argument("--workers", type=positive_int, default=1, help="tokenizing processes")
     group.add_argument(
         "--partitions",
-        type=int,
+        type=positive_int,
         default=1,
         help="accepted for Megatron compatibility; input is streamed to --workers "
         "processes, so splitting it into partitions is not needed",
     )
     group.add_argument(
-        "--log-interval", type=int, default=1000, help="documents between progress lines when stderr is not a terminal"
+        "--log-interval",
+        type=positive_int,
+        default=1000,
+        help="documents between progress lines when stderr is not a terminal",
     )
     return parser
 

@@ -8,44 +8,44 @@ document <EOD>) or GPTSentencePieceTokenizer (end of document </s>) and --tokeni
 Files ending in .jsonl/.json (optionally .gz) are read as JSON lines, others as plain text.
 """
 
-import argparse
 import sys
 
+from an_megatron.cli import ArgumentParser, float_in, int_in, output_prefix, positive_int
 from an_megatron.data.cli import run_tool
 
 
 def main(argv=None) -> None:
     from an_megatron.data.tokenizer_training import train_sentencepiece
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="files or globs")
     parser.add_argument(
         "--json-keys", nargs="+", default=["text"], help="keys whose text is used, for JSON lines input"
     )
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--output-prefix", required=True, help="writes {prefix}.model and .vocab")
+    parser.add_argument("--vocab-size", type=positive_int, required=True)
+    parser.add_argument("--output-prefix", type=output_prefix, required=True, help="writes {prefix}.model and .vocab")
     parser.add_argument(
         "--sample-sentences",
-        type=int,
+        type=positive_int,
         default=2_000_000,
         help="train on a uniform random sample of at most this many lines",
     )
     parser.add_argument(
         "--max-sentence-length",
-        type=int,
+        type=int_in(10),
         default=4192,
-        help="lines longer than this many bytes are split at whitespace",
+        help="lines longer than this many bytes are split at whitespace (SentencePiece needs >= 10)",
     )
     parser.add_argument(
         "--character-coverage",
-        type=float,
+        type=float_in(0.98, 1),
         default=0.9995,
-        help="share of characters given their own piece; the rest use bytes",
+        help="share of characters given their own piece; the rest use bytes (SentencePiece: 0.98 to 1)",
     )
     parser.add_argument(
         "--skip-bad-lines", action="store_true", help="skip (and count) bad JSON lines instead of stopping"
     )
-    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--num-threads", type=positive_int, default=None)
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     args = parser.parse_args(argv)
     stats = train_sentencepiece(

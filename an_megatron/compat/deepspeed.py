@@ -2,8 +2,10 @@
 
 Users: the norm bound (``optim/deepspeed_bound.py``: where each optimizer wrapper keeps this
 rank's fp32 masters), the checkpoint converter (``training/convert.py``: ZeRO partitions merged
-by ``zero_to_fp32``'s functions) and the global weight norm (``training/metrics.py``: ZeRO-3
-partitions). DeepSpeed itself is imported only inside the functions that need it (~10 s).
+by ``zero_to_fp32``'s functions), the global weight norm (``training/metrics.py``: ZeRO-3
+partitions) and checkpoint loading (``training/checkpointing.py``: every file DeepSpeed reads is
+loaded with ``load_file``, which runs no code from it). DeepSpeed itself is imported only inside
+the functions that need it (~10 s).
 
 Why the norm bound does not use DeepSpeed's public ``safe_get_full_fp32_param`` /
 ``safe_get_local_fp32_param`` / ``safe_set_local_fp32_param`` (0.19.8, ``utils/tensor_fragment.py``):
@@ -23,6 +25,8 @@ Why the norm bound does not use DeepSpeed's public ``safe_get_full_fp32_param`` 
 
 from __future__ import annotations
 
+import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -145,7 +149,8 @@ def zero_model_states(model_files: list[str]) -> list:
     """The ``zero_model_state`` descriptions of the model-states files of one model-parallel rank."""
     from deepspeed.utils import zero_to_fp32
 
-    return zero_to_fp32.parse_model_states(model_files)
+    with loading_weights_only():
+        return zero_to_fp32.parse_model_states(model_files)
 
 
 def zero_model_states_from_shapes(model_states: dict) -> list:
@@ -169,12 +174,118 @@ def zero_fp32_state_dict(ckpt_dir: str, optim_files: list[str], model_states: li
     """The fp32 masters of one model-parallel rank, merged over the data-parallel partitions in
     ``optim_files``. ``zero_to_fp32``'s public entry points glob every ``*_optim_states.pt`` of
     the directory (one model-parallel rank only); these are the private functions they call.
-    Raises ``ValueError``/``KeyError`` on files that are not ZeRO's."""
+    Raises ``ValueError``/``KeyError`` on files that are not ZeRO's, ``CheckpointFileError`` on
+    files that do not load."""
     from deepspeed.utils import zero_to_fp32
 
-    stage, world, fp32_groups, paddings = zero_to_fp32.parse_optim_states(optim_files, ckpt_dir)
+    with loading_weights_only():
+        stage, world, fp32_groups, paddings = zero_to_fp32.parse_optim_states(optim_files, ckpt_dir)
     if stage <= 2:
         return zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
             world, fp32_groups, model_states, False, paddings
         )
     return zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, fp32_groups, model_states, False)
+
+
+# ---- loading checkpoint files without running code from them ---------------------------------
+
+# Besides tensors and plain data (what torch.load(weights_only=True) accepts by itself), the files
+# of a checkpoint hold these, and nothing else may be named in them (0.19.8; found by listing the
+# globals of checkpoints of ZeRO 0-3, fp32 and bf16, TP=2, PP=2, DP=2). Each is rebuilt from data
+# without running code of the file: DeepSpeed's loss scaler (an object whose attributes are set),
+# ZeRO stage enum (looked up by value) and fragment addresses (a dataclass of two ints), in the
+# ZeRO optimizer states; numpy's array rebuild (the four types megatron-core allows too), for the
+# numpy RNG state in the client state of checkpoints that hold it as an array (the trainer stores
+# it as a list).
+CHECKPOINT_GLOBALS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+}
+
+
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file that is not loaded (missing, unreadable, or naming other objects than
+    ``CHECKPOINT_GLOBALS``); the message is one line naming the file."""
+
+
+def _resolve(name: str):
+    module, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _first_line(e: Exception) -> str:
+    """The reason in torch's message (the weights-only unpickler's is many lines of advice)."""
+    advice = ("Weights only load failed", "Check the documentation")
+    paragraphs = [p.strip() for p in str(e).split("WeightsUnpickler error:")[-1].split("\n\n") if p.strip()]
+    reason = next((p for p in paragraphs if not p.startswith(advice)), paragraphs[0] if paragraphs else "")
+    return f"{type(e).__name__}: {reason.splitlines()[0] if reason else ''}"
+
+
+def _safe_globals(named: set[str]) -> list:
+    """The allowed globals a file names (DeepSpeed's are imported only then), and numpy's always:
+    a dtype is rebuilt as an instance of its class (``numpy.dtypes.UInt32DType``), which the file
+    does not name."""
+    return [(_resolve(n), n) for n in sorted(CHECKPOINT_GLOBALS) if n in named or n.startswith("numpy.")]
+
+
+def load_file(path, map_location="cpu", mmap=None):
+    """``torch.load(path, weights_only=True)``, allowing only ``CHECKPOINT_GLOBALS`` besides
+    torch's own: no code named in the file runs. Any failure is a ``CheckpointFileError``."""
+    try:
+        named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{path}: missing") from None
+    except Exception:  # not a zip-format torch file: the weights-only unpickler alone decides
+        named = set()
+    refused = sorted(named - CHECKPOINT_GLOBALS)
+    if refused:
+        raise CheckpointFileError(
+            f"{path}: not loaded: it names {', '.join(refused)}, which a checkpoint may not hold (files "
+            f"are loaded weights-only: tensors, plain data and a few DeepSpeed and numpy types)"
+        )
+    try:
+        with torch.serialization.safe_globals(_safe_globals(named)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, not a torch file, or refused by the weights-only unpickler
+        raise CheckpointFileError(f"{path}: cannot be read as a torch checkpoint ({_first_line(e)})") from None
+
+
+class _LoadingWeightsOnly:
+    """``inner`` (the torch module, a DeepSpeed checkpoint engine) with ``load`` replaced by
+    ``load_file``; every other attribute is ``inner``'s."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    @staticmethod
+    def load(path, map_location=None, mmap=None, weights_only=None):  # weights_only: True, whatever is asked
+        return load_file(path, map_location=map_location, mmap=mmap)
+
+
+@contextmanager
+def loading_weights_only(engine=None):
+    """While it lasts, DeepSpeed 0.19.8 reads checkpoint files with ``load_file`` where it would
+    call ``torch.load(..., weights_only=False)``: through ``engine.checkpoint_engine`` (the
+    ``mp_rank_XX``/``zero_pp_rank_*`` model states, ZeRO optimizer states, the pipeline's layer
+    files: its ``TorchCheckpointEngine.load``), and in ``zero_to_fp32`` (``parse_model_states``,
+    ``parse_optim_states``: a ZeRO-3 checkpoint loaded without optimizer states, and ours)."""
+    from deepspeed.utils import zero_to_fp32
+
+    saved = zero_to_fp32.torch, getattr(engine, "checkpoint_engine", None)
+    zero_to_fp32.torch = _LoadingWeightsOnly(saved[0])
+    if engine is not None:
+        engine.checkpoint_engine = _LoadingWeightsOnly(saved[1])
+    try:
+        yield
+    finally:
+        zero_to_fp32.torch = saved[0]
+        if engine is not None:
+            engine.checkpoint_engine = saved[1]

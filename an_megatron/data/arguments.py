@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 
+from an_megatron.cli import nonnegative_int, output_dir, positive_int
 from an_megatron.data.tokenizers import TOKENIZER_TYPES
 
 # The flag that sets each DataConfig field: the data code names fields (DataFieldError), the
@@ -37,6 +39,21 @@ def data_error_message(error: Exception) -> str:
     return error.render(DATA_FIELD_FLAGS) if isinstance(error, FieldError) else str(error)
 
 
+def split_spec(text: str) -> str:
+    """``--split``: one to three proportions ``train,valid,test`` (``,`` or ``/`` between), each
+    >= 0, with a positive sum; kept as the text megatron-core reads."""
+    try:
+        values = [float(part) for part in text.replace("/", ",").split(",")]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected train,valid,test proportions (up to three numbers >= 0 with a positive sum, "
+            f"e.g. 98,2,0), got {text!r}"
+        )
+    return text
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add data and tokenizer flags. Sequence length, seed, batch sizes and parallel sizes are
     defined by the training arguments. The data functions take a `DataConfig`
@@ -49,16 +66,22 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="one dataset prefix ({prefix}.bin/.idx), several prefixes (blended "
         "by size), or a blend 'w1 prefix1 w2 prefix2 ...'",
     )
-    group.add_argument("--split", default="969,30,1", help="train,valid,test proportions of the documents, e.g. 98,2,0")
+    group.add_argument(
+        "--split",
+        type=split_spec,
+        default="969,30,1",
+        help="train,valid,test proportions of the documents, e.g. 98,2,0",
+    )
     group.add_argument(
         "--data-cache-path",
+        type=output_dir,
         default=None,
         help="where to keep the sample/shuffle index cache (default: beside each dataset, in {prefix}/cache)",
     )
     group.add_argument(
         "--mock-data", action="store_true", help="train on megatron-core's synthetic tokens instead of --data-path"
     )
-    group.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    group.add_argument("--num-workers", type=nonnegative_int, default=2, help="DataLoader worker processes")
     group.add_argument(
         "--reset-position-ids", action="store_true", help="restart position ids after each end-of-document token"
     )
@@ -89,11 +112,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
     group.add_argument(
-        "--vocab-size", type=int, default=None, help="NullTokenizer's number of ids (its end of document is this id)"
+        "--vocab-size",
+        type=positive_int,
+        default=None,
+        help="NullTokenizer's number of ids (its end of document is this id)",
     )
     group.add_argument(
         "--make-vocab-size-divisible-by",
-        type=int,
+        type=positive_int,
         default=128,
         help="pad the embedding to a multiple of this times the TP size",
     )

@@ -12,14 +12,21 @@ or `{prefix}/cache` beside each dataset) must therefore be visible to every rank
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy
 
 from an_megatron.data.config import DataConfig
+from an_megatron.data.eod import _print_rank0
 from an_megatron.data.eod import _resolve as _resolve_eod
 from an_megatron.data.errors import DataError, DataFieldError
-from an_megatron.data.indexed import check_indexed_dataset, import_megatron_core
+from an_megatron.data.indexed import (
+    check_indexed_dataset,
+    document_range_tokens,
+    import_megatron_core,
+    token_id_range,
+)
 from an_megatron.data.tokenizers import TokenizerWithEod
 from megatron_patches.blended_dataset_rank import single_process_rank_zero
 
@@ -91,12 +98,20 @@ def build_train_valid_test_datasets(config, tokenizer, train_valid_test_num_samp
         for prefix in prefixes:
             info = check_indexed_dataset(prefix)
             infos.append(info)
+            if info.num_tokens == 0:
+                raise DataFieldError(
+                    "{data_path} {prefix}: holds no tokens ({count} documents): nothing to train on",
+                    "data_path",
+                    prefix=prefix,
+                    count=info.num_documents,
+                )
             if tokenizer.vocab_size > numpy.iinfo(info.dtype).max + 1:
                 raise DataError(
                     f"{prefix}: stores {numpy.dtype(info.dtype).name} token ids, too narrow for "
                     f"the tokenizer's vocab size {tokenizer.vocab_size}: was it preprocessed with "
                     f"another tokenizer?"
                 )
+            _check_token_ids(c, tokenizer, info)
         blend, dataset_class = (prefixes, weights), gpt.GPTDataset
     eod = _resolve_eod(c, tokenizer, validate=False)  # the prefixes were just checked
     if eod != tokenizer.eod:
@@ -128,32 +143,83 @@ def build_train_valid_test_datasets(config, tokenizer, train_valid_test_num_samp
     return train, valid, test
 
 
+def _check_token_ids(c: DataConfig, tokenizer, info) -> None:
+    """Refuse data whose token ids do not fit the tokenizer: ids past its vocabulary but inside
+    the padded embedding would train silently on rows no text maps to, ids past the padding
+    fail in the embedding. The largest id is the one recorded at preprocessing, else found by a
+    bounded scan (``token_id_range``)."""
+    found = token_id_range(info)
+    if found.max_token_id < tokenizer.vocab_size:
+        made_by = (found.recorded or {}).get("tokenizer") or {}
+        model = c.tokenizer_model or c.vocab_file
+        same_model = model is not None and made_by.get("model") == os.path.abspath(model)  # another path's specials
+        if made_by.get("vocab_size") not in (None, tokenizer.vocab_size) and not same_model:  # fits by chance?
+            _print_rank0(
+                f"warning: {info.prefix}: its token ids fit, but it was {found.describe()}, and the tokenizer "
+                f"of this run has {tokenizer.vocab_size} ids"
+            )
+        return
+    which = ["{tokenizer_type} {type}"]
+    fields = ["tokenizer_type"]
+    for name in ("tokenizer_model", "vocab_file", "vocab_size"):
+        if getattr(c, name) is not None:
+            which.append("{%s} {%s_value}" % (name, name))
+            fields.append(name)
+    raise DataFieldError(
+        "{data_path} {prefix}: token ids up to {max_id} ({how}), but the tokenizer ("
+        + " ".join(which)
+        + ") has {size} ids (0 to {last}): the data was preprocessed with another tokenizer",
+        "data_path",
+        *fields,
+        prefix=info.prefix,
+        max_id=found.max_token_id,
+        how=found.describe(),
+        type=c.tokenizer_type,
+        size=tokenizer.vocab_size,
+        last=tokenizer.vocab_size - 1,
+        **{f"{name}_value": getattr(c, name) for name in fields[1:]},
+    )
+
+
 def _drop_or_refuse_empty_splits(config, infos, split: str) -> None:
-    """A split with a share but no document of some prefix (a small corpus, a small share: the
-    default 969,30,1 leaves the test split of a corpus under 500 documents empty) makes
-    megatron-core loop forever counting epochs of zero tokens. Such a test split is dropped
-    (training never reads it); an empty train or validation split is refused, naming the prefix.
+    """A split with a share but not one sample of some prefix (a small corpus, a small share:
+    the default 969,30,1 leaves the test split of a corpus under 500 documents empty) makes
+    megatron-core loop forever counting epochs of zero tokens, or repeat a few tokens to fill
+    every sample. Such a test split is dropped (training never reads it); a train or validation
+    split with fewer tokens than one sample (--seq-length + 1) is refused, naming the prefix.
     Document ranges as megatron-core's builder computes them."""
-    for i, name in enumerate(("train", "validation", "test")):
-        bounds = config.split_matrix[i]
-        if bounds is None:
-            continue
-        empty = [
-            info
-            for info in infos
-            if int(round(bounds[1] * info.num_documents)) <= int(round(bounds[0] * info.num_documents))
+    sample = config.sequence_length + 1
+    ranges = {}  # prefix -> [(first, end) per split]
+    for info in infos:
+        ranges[info.prefix] = [
+            (0, 0)
+            if bounds is None
+            else (int(round(bounds[0] * info.num_documents)), int(round(bounds[1] * info.num_documents)))
+            for bounds in config.split_matrix
         ]
-        if not empty:
+    tokens = {info.prefix: document_range_tokens(info.prefix, ranges[info.prefix]) for info in infos}
+    for i, name in enumerate(("train", "validation", "test")):
+        if config.split_matrix[i] is None:
+            continue
+        small = [info for info in infos if tokens[info.prefix][i] < sample]
+        if not small:
             continue
         if name == "test":
             config.split_matrix[i] = None
             continue
+        info = small[0]
+        first, end = ranges[info.prefix][i]
         raise DataFieldError(
-            "{split} {value}: the {name} split of {prefix} gets none of its {count} documents; "
-            "give it a larger share (or 0 for none)",
+            "{split} {value}: the {name} split of {prefix} gets {documents} of its {count} documents, "
+            "{tokens} tokens, fewer than one sample ({seq_length} {length} + 1): give it a larger share "
+            "(or 0 for none)",
             "split",
+            "seq_length",
             value=split,
             name=name,
-            prefix=empty[0].prefix,
-            count=empty[0].num_documents,
+            prefix=info.prefix,
+            documents=end - first if end > first else "none",
+            count=info.num_documents,
+            tokens=tokens[info.prefix][i],
+            length=config.sequence_length,
         )

@@ -15,12 +15,18 @@ Layout of the .idx file (little-endian), for reference:
     uint64 sequence count S, uint64 document-boundary count D,
     int32[S] sequence lengths (tokens), int64[S] byte offsets into .bin, int64[D] document
     boundaries (sequence indices, first 0, last S).
+
+Beside the pair, preprocessing writes ``{prefix}.stats.json`` (`write_token_stats`): the
+largest token id and the tokenizer that made the data. Megatron's readers ignore it; training
+reads it (`token_id_range`) to refuse a tokenizer whose vocabulary the ids do not fit, and scans
+a bounded sample of the .bin instead for datasets without it (made by Megatron-LM's tools).
 """
 
 from __future__ import annotations
 
 import array
 import importlib
+import json
 import os
 import shutil
 import struct
@@ -50,6 +56,13 @@ CODE_BY_DTYPE = {numpy.dtype(t): c for c, t in DTYPE_BY_CODE.items()}
 
 # Pointers are checked this many sequences at a time, so validation memory stays bounded.
 _CHECK_CHUNK = 1 << 22
+
+STATS_SUFFIX = ".stats.json"
+STATS_FORMAT = "an_megatron token stats"
+# Without a stats file, the token ids are scanned: all of a .bin up to this size, else this many
+# bytes in SCAN_PIECES pieces spread evenly over it.
+SCAN_BYTES = 64 << 20
+SCAN_PIECES = 64
 
 
 def import_megatron_core(module: str = "megatron.core.datasets.indexed_dataset"):
@@ -177,6 +190,86 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     )
 
 
+def write_token_stats(path: str, num_tokens: int, num_documents: int, bin_bytes: int, max_token_id, tokenizer) -> None:
+    """Write a stats file (`STATS_SUFFIX`) at `path`: what the .bin/.idx pair it belongs to holds
+    (so a stale file is recognised), its largest token id, and `tokenizer` (a dict: type, model,
+    vocab_size; or None)."""
+    record = dict(
+        format=STATS_FORMAT,
+        version=1,
+        num_tokens=int(num_tokens),
+        num_documents=int(num_documents),
+        bin_bytes=int(bin_bytes),
+        max_token_id=None if max_token_id is None else int(max_token_id),
+        tokenizer=tokenizer,
+    )
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def read_token_stats(info: IndexedDatasetInfo) -> dict | None:
+    """The stats file of a checked dataset, or None when there is none, it is unreadable, or it
+    describes other data (a .bin/.idx pair rewritten by another tool since)."""
+    path = info.prefix + STATS_SUFFIX
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    bin_bytes = info.num_tokens * numpy.dtype(info.dtype).itemsize
+    if not isinstance(record, dict) or record.get("format") != STATS_FORMAT:
+        return None
+    matches = (record.get("num_tokens"), record.get("num_documents"), record.get("bin_bytes")) == (
+        info.num_tokens,
+        info.num_documents,
+        bin_bytes,
+    )
+    return record if matches and isinstance(record.get("max_token_id"), int) else None
+
+
+@dataclass(frozen=True)
+class TokenIdRange:
+    """The largest token id of a dataset, or of the part of it that was read (`scanned` of
+    `num_tokens` tokens); `recorded`: read from its stats file, with the tokenizer there."""
+
+    max_token_id: int
+    scanned: int
+    num_tokens: int
+    recorded: dict | None = None
+
+    @property
+    def partial(self) -> bool:
+        return self.recorded is None and self.scanned < self.num_tokens
+
+    def describe(self) -> str:
+        """Where the maximum comes from, for messages."""
+        if self.recorded is not None:
+            tok = self.recorded.get("tokenizer") or {}
+            made = " ".join(str(tok[k]) for k in ("type", "model") if tok.get(k) is not None)
+            size = f", vocab size {tok['vocab_size']}" if tok.get("vocab_size") is not None else ""
+            return f"recorded when it was preprocessed{f' with {made}{size}' if made else ''}"
+        if self.partial:
+            return f"found in {self.scanned} of its {self.num_tokens} tokens (a partial scan)"
+        return f"found in all {self.num_tokens} tokens"
+
+
+def token_id_range(info: IndexedDatasetInfo) -> TokenIdRange:
+    """The largest token id of a checked, non-empty dataset: from its stats file, else from a
+    scan of its .bin bounded by SCAN_BYTES (numpy over a memory map)."""
+    recorded = read_token_stats(info)
+    if recorded is not None:
+        return TokenIdRange(recorded["max_token_id"], info.num_tokens, info.num_tokens, recorded)
+    tokens = numpy.memmap(info.prefix + ".bin", dtype=info.dtype, mode="r")
+    itemsize = numpy.dtype(info.dtype).itemsize
+    if info.num_tokens * itemsize <= SCAN_BYTES:
+        return TokenIdRange(int(tokens.max()), info.num_tokens, info.num_tokens)
+    piece = SCAN_BYTES // SCAN_PIECES // itemsize
+    starts = numpy.linspace(0, info.num_tokens - piece, SCAN_PIECES).astype(numpy.int64)
+    largest = max(int(tokens[start : start + piece].max()) for start in starts)
+    return TokenIdRange(largest, piece * SCAN_PIECES, info.num_tokens)
+
+
 def open_indexed_dataset(prefix: str, mmap: bool = True):
     """Validate `prefix` with check_indexed_dataset, then open it as megatron-core's IndexedDataset.
 
@@ -214,6 +307,16 @@ def document_last_tokens(prefix: str, limit: int) -> numpy.ndarray:
         return numpy.zeros(0, dtype=numpy.int64)
     tokens = numpy.memmap(os.fspath(prefix) + ".bin", dtype=dtype, mode="r")
     return numpy.asarray(tokens[positions], dtype=numpy.int64)
+
+
+def document_range_tokens(prefix: str, ranges) -> list[int]:
+    """The number of tokens in each document range ``(first, end)`` of a checked dataset."""
+    reader = mcore_compat.index_reader(os.fspath(prefix) + ".idx")
+    try:
+        bounds, lengths = reader.document_indices, reader.sequence_lengths
+        return [int(lengths[bounds[first] : bounds[end]].sum(dtype=numpy.int64)) for first, end in ranges]
+    finally:
+        del reader  # its arrays are views of a map that closes with it
 
 
 def _map(path: str, dtype, offset: int, count: int) -> numpy.ndarray:

@@ -19,7 +19,7 @@ def merge_datasets(prefixes: list[str], output_prefix: str):
     writer = AtomicDatasetWriter(output_prefix, infos[0].dtype)
     try:
         for prefix in prefixes:
-            writer.builder.add_index(prefix)
+            writer.add_dataset(prefix)
         writer.commit()
     finally:
         writer.discard()

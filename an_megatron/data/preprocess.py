@@ -7,8 +7,10 @@ and writes. At most a few batches are in flight (a semaphore throttles imap's fe
 would otherwise read the whole input ahead), so peak memory does not grow with the corpus; the
 index of the output (12 bytes per document) is the only thing that does.
 
-Outputs `{prefix}_{key}_document.bin/.idx` are written under temporary names and renamed only
-when complete; an error, Ctrl-C or SIGTERM removes the temporary files.
+Outputs `{prefix}_{key}_document.bin/.idx`, and beside them `.stats.json` (the largest token id
+and the tokenizer, which training checks against its own), are written under temporary names and
+renamed only when complete; an error, Ctrl-C or SIGTERM removes the temporary files. An input
+that yields no document for a key is an error, and nothing is written.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from dataclasses import dataclass, field
 import numpy
 
 from an_megatron.data.errors import DataError
-from an_megatron.data.indexed import CompactIndexedDatasetBuilder, dataset_paths, token_dtype_for_vocab
+from an_megatron.data.indexed import (
+    STATS_SUFFIX,
+    CompactIndexedDatasetBuilder,
+    check_indexed_dataset,
+    dataset_paths,
+    read_token_stats,
+    token_dtype_for_vocab,
+    write_token_stats,
+)
 from an_megatron.data.tokenizers import build_tokenizer
 
 BATCH_MAX_LINES = 1024
@@ -229,27 +239,63 @@ def _throttled(items, slots: threading.Semaphore, stop: threading.Event):
 
 
 class AtomicDatasetWriter:
-    """Writes one indexed dataset under temporary names; commit() renames, discard() deletes."""
+    """Writes one indexed dataset, and its stats file, under temporary names; commit() renames,
+    discard() deletes. `tokenizer` (type, model, vocab_size) goes into the stats file."""
 
-    def __init__(self, prefix: str, dtype) -> None:
+    def __init__(self, prefix: str, dtype, tokenizer: dict | None = None) -> None:
         self.bin_path, self.idx_path = dataset_paths(prefix)
+        self.stats_path = prefix + STATS_SUFFIX
         if os.path.dirname(prefix):
             os.makedirs(os.path.dirname(prefix), exist_ok=True)
         suffix = f".tmp.{os.getpid()}"
-        self.tmp_bin, self.tmp_idx = self.bin_path + suffix, self.idx_path + suffix
+        self.tmp_bin, self.tmp_idx, self.tmp_stats = (
+            p + suffix for p in (self.bin_path, self.idx_path, self.stats_path)
+        )
         self.builder = CompactIndexedDatasetBuilder(self.tmp_bin, dtype=dtype)
+        self.tokenizer = tokenizer
+        self.max_token_id = -1  # None once a part of unknown largest id is added
+        self.parts = 0  # datasets added whole (add_dataset)
         self.done = False
 
     def add_documents(self, tokens: numpy.ndarray, lengths: list) -> None:
         self.builder.add_documents(tokens, lengths)
+        if len(tokens) and self.max_token_id is not None:
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
+
+    def add_dataset(self, prefix: str) -> None:
+        """Append a whole dataset; its stats file (if valid) carries its largest id over."""
+        info = check_indexed_dataset(prefix)
+        self.builder.add_index(prefix)
+        stats = read_token_stats(info)
+        made_by = stats.get("tokenizer") if stats else None
+        self.tokenizer = made_by if self.parts == 0 or self.tokenizer == made_by else None  # shared, or none
+        self.parts += 1
+        if stats is None or self.max_token_id is None:
+            self.max_token_id = None
+        else:
+            self.max_token_id = max(self.max_token_id, stats["max_token_id"])
 
     def commit(self) -> None:
         self.builder.finalize(self.tmp_idx)
-        # Remove an old .idx first: a crash between the renames then leaves no matching pair.
-        if os.path.exists(self.idx_path):
-            os.remove(self.idx_path)
+        num_tokens = os.path.getsize(self.tmp_bin) // numpy.dtype(self.builder.dtype).itemsize
+        known = self.max_token_id is not None and num_tokens
+        if known:
+            write_token_stats(
+                self.tmp_stats,
+                num_tokens,
+                len(self.builder.document_indices) - 1,
+                os.path.getsize(self.tmp_bin),
+                self.max_token_id,
+                self.tokenizer,
+            )
+        # Remove an old .idx (and stats) first: a crash between the renames then leaves no matching pair.
+        for old in (self.idx_path, self.stats_path):
+            if os.path.exists(old):
+                os.remove(old)
         os.replace(self.tmp_bin, self.bin_path)
         os.replace(self.tmp_idx, self.idx_path)
+        if known:
+            os.replace(self.tmp_stats, self.stats_path)
         self.done = True
 
     def discard(self) -> None:
@@ -257,9 +303,26 @@ class AtomicDatasetWriter:
             return
         if not self.builder.data_file.closed:
             self.builder.data_file.close()
-        for path in (self.tmp_bin, self.tmp_idx):
+        for path in (self.tmp_bin, self.tmp_idx, self.tmp_stats):
             if os.path.exists(path):
                 os.remove(path)
+
+
+def tokenizer_record(tokenizer_args, tokenizer) -> dict:
+    """What a stats file says of the tokenizer that made the data: type, model file, vocab size."""
+    model = next(
+        (
+            getattr(tokenizer_args, k, None)
+            for k in ("tokenizer_model", "vocab_file")
+            if getattr(tokenizer_args, k, None)
+        ),
+        None,
+    )
+    return dict(
+        type=getattr(tokenizer_args, "tokenizer_type", None),
+        model=None if model is None else os.path.abspath(model),
+        vocab_size=tokenizer.vocab_size,
+    )
 
 
 # ----------------------------------------------------------------------------- driver
@@ -361,7 +424,9 @@ def preprocess(
     progress = None
     try:
         for key in json_keys:
-            writers[key] = AtomicDatasetWriter(output_prefix_for_key(output_prefix, key), dtype)
+            writers[key] = AtomicDatasetWriter(
+                output_prefix_for_key(output_prefix, key), dtype, tokenizer_record(tokenizer_args, tokenizer)
+            )
         if workers == 1:
             encoder = DocumentEncoder(tokenizer, json_keys, append_eod)
             results = map(encoder.encode, iter_line_batches(paths))
@@ -378,9 +443,12 @@ def preprocess(
                 slots.release()
             _absorb(encoded, stats, writers, skip_bad_lines)
             progress.update(encoded.num_bytes, stats)
+        _refuse_empty_output(paths, stats)
         for writer in writers.values():
             writer.commit()
-            stats.outputs += [writer.bin_path, writer.idx_path]
+            stats.outputs += [writer.bin_path, writer.idx_path] + [writer.stats_path] * os.path.exists(
+                writer.stats_path
+            )
     finally:
         stop.set()
         if progress is not None:
@@ -392,6 +460,20 @@ def preprocess(
             writer.discard()
     stats.seconds = time.time() - (progress.start if progress else time.time())
     return stats
+
+
+def _refuse_empty_output(paths: list[str], stats: PreprocessStats) -> None:
+    """An input without one document for some key is an error naming it: a dataset of no
+    documents cannot be trained on (megatron-core fails on it with 'cannot mmap an empty file')."""
+    for key, documents in stats.documents.items():
+        if documents:
+            continue
+        where = paths[0] if len(paths) == 1 else f"{', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+        first = "; the first bad line: {}:{}: {}".format(*stats.first_bad_lines[0]) if stats.first_bad_lines else ""
+        raise DataError(
+            f"{where}: no documents for key {key!r} ({stats.bad_lines} bad lines skipped, {stats.blank_lines} "
+            f"blank lines, {stats.empty_documents[key]} empty documents{first}): nothing written"
+        )
 
 
 def _absorb(encoded: EncodedBatch, stats: PreprocessStats, writers: dict, skip_bad_lines: bool):

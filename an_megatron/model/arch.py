@@ -42,9 +42,9 @@ class ArchSpec:
     pre_norm: ModuleFactory  # before attention and MLP
     qk_norm: ModuleFactory  # (q, k) -> (q, k), per head
     residual: ModuleFactory  # (h, x) -> new h
-    gate_scales: Callable[..., nn.Module]  # (config, u_factor, z_factor) -> module (u, z) -> (u, z) in SwiGLU
+    gate_scales: Callable[..., nn.Module]  # (config, u_factor, z_factor) -> module: row_scale() of W_u; W_z, or None
     final_norm: ModuleFactory  # before the output head
-    logit_scale: ModuleFactory  # on the logits
+    logit_scale: ModuleFactory  # module: row_scale() of W_out (the logits' scale), or None
     softmax_scale: Callable[[int], float]  # head size -> multiplier of q k^T
     factors: Callable[["ModelConfig"], Factors]  # the constant nu factors (all 1 without them)
     init: Callable[[torch.Tensor, int, "ModelConfig"], torch.Tensor]  # (N(0, 1) draw, norm axis, config) -> weight
@@ -83,7 +83,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         residual=c.AddResidual,
         gate_scales=c.NoGateScales,
         final_norm=c.hidden_rmsnorm,
-        logit_scale=c.no_op,
+        logit_scale=c.NoLogitScale,
         softmax_scale=lambda dh: 1 / math.sqrt(dh),
         factors=no_factors,
         init=c.normal_init,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from an_megatron.cli import positive_float, positive_int
 from an_megatron.model.arch import ARCH_SPECS
 from an_megatron.model.config import DEFAULT_SCALES, WEIGHT_NORMS, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
@@ -17,22 +18,24 @@ def _scale_spec(text: str):
         init, _, scale = value.partition(",")
         if name not in DEFAULT_SCALES:
             raise ValueError
-        return name, (float(init), float(scale) if scale else DEFAULT_SCALES[name][1])
-    except ValueError:
+        numbers = positive_float(init), positive_float(scale) if scale else DEFAULT_SCALES[name][1]
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(
-            f"--scale {text!r}: expected NAME=INIT[,SCALE] with NAME in {', '.join(DEFAULT_SCALES)}"
+            f"--scale {text!r}: expected NAME=INIT[,SCALE] with NAME in {', '.join(DEFAULT_SCALES)} and "
+            f"INIT, SCALE finite numbers > 0"
         ) from None
+    return name, numbers
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=tuple(ARCH_SPECS), default="angpt")
-    g.add_argument("--num-layers", type=int, default=4)
-    g.add_argument("--hidden-size", type=int, default=256)
-    g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
-    g.add_argument("--seq-length", type=int, default=256)
-    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--num-layers", type=positive_int, default=4)
+    g.add_argument("--hidden-size", type=positive_int, default=256)
+    g.add_argument("--num-attention-heads", type=positive_int, default=4)
+    g.add_argument("--ffn-hidden-size", type=positive_int, default=None, help="default 4 * hidden size")
+    g.add_argument("--seq-length", type=positive_int, default=256)
+    g.add_argument("--rotary-base", type=positive_float, default=10000.0)
     g.add_argument(
         "--nu-att",
         choices=NU_ATT_OPTIONS,
@@ -41,7 +44,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "exact (sum of squared attention weights, from the kernels' log-sum-exp; one extra "
         "forward-only attention pass), dense (sqrt(t), the paper's uniform-attention assumption), none",
     )
-    g.add_argument("--alpha-init", type=float, default=None, help="s_init of alpha_A and alpha_M (default 0.05)")
+    g.add_argument(
+        "--alpha-init", type=positive_float, default=None, help="s_init of alpha_A and alpha_M (default 0.05)"
+    )
     g.add_argument("--alpha-scalar", action="store_true", help="one alpha per block instead of a vector")
     g.add_argument("--no-nu-lerp", action="store_true", help="ablation: drop anGPT's residual factor")
     g.add_argument(
@@ -58,7 +63,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="NAME=INIT[,SCALE]",
         help=f"learnable scale init/reparameterization; NAME in {', '.join(DEFAULT_SCALES)}",
     )
-    g.add_argument("--init-method-std", type=float, default=0.02, help="GPT+ weight init std")
+    g.add_argument("--init-method-std", type=positive_float, default=0.02, help="GPT+ weight init std")
+    g.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="fuse the blocks' elementwise chains (residual, QK-norm, SwiGLU) with torch.compile",
+    )
     add_fp8_args(parser)
     return parser
 
@@ -92,7 +102,7 @@ def add_fp8_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="te: Transformer Engine (default); torch: torch._scaled_mm, per-tensor dynamic scaling",
     )
     g.add_argument("--fp8-margin", type=int, default=0, help="scale so that amax sits 2^margin below the maximum")
-    g.add_argument("--fp8-amax-history-len", type=int, default=1, help="delayed scaling: amax history length")
+    g.add_argument("--fp8-amax-history-len", type=positive_int, default=1, help="delayed scaling: amax history length")
     g.add_argument(
         "--fp8-amax-compute-algo",
         choices=AMAX_COMPUTE_ALGOS,
@@ -122,6 +132,7 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
         scales=scales,
         weight_norm=args.weight_norm,
         init_std=args.init_method_std,
+        torch_compile=args.torch_compile,
         tensor_model_parallel_size=getattr(args, "tensor_model_parallel_size", 1),
         seed=getattr(args, "seed", 1234),
         transformer_impl=args.transformer_impl,

@@ -5,11 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from an_megatron.errors import FieldError
 from an_megatron.model.arch import ARCH_SPECS, ARCHS, ArchSpec  # noqa: F401 (ARCHS: its importers)
 from an_megatron.model.factors import check_nu_att
 from an_megatron.model.fp8 import check_fp8
 
 WEIGHT_NORMS = ("bound", "normalize", "none")
+POSITIVE_INT_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "seq_length",
+    "tensor_model_parallel_size",
+)
 
 # (s_init, s_scale) per learnable scale; None means 1/sqrt(d). nGPT's values (ANGPT.md).
 DEFAULT_SCALES = {
@@ -57,6 +67,9 @@ class ModelConfig:
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1
     fp8_amax_compute_algo: str = "most_recent"
+    # Compile the blocks' elementwise chains (residual update, QK-norm, SwiGLU product) with
+    # torch.compile: each becomes one fused kernel forward and one backward (components.compiled).
+    torch_compile: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCH_SPECS:
@@ -74,6 +87,7 @@ class ModelConfig:
         unknown = set(self.scales) - set(DEFAULT_SCALES)
         if unknown:
             raise ValueError(f"unknown learnable scale(s) {sorted(unknown)}; known: {sorted(DEFAULT_SCALES)}")
+        self._check_ranges()
         d, H, tp = self.hidden_size, self.num_attention_heads, self.tensor_model_parallel_size
         if d % H:
             raise ValueError(f"hidden-size {d} is not divisible by num-attention-heads {H}")
@@ -87,6 +101,26 @@ class ModelConfig:
             raise ValueError(
                 f"tensor-model-parallel-size {tp} does not divide the padded vocabulary size {self.vocab_size}"
             )
+
+    def _check_ranges(self) -> None:
+        """Sizes are positive integers; the RoPE base, init std and learnable scales positive."""
+        for name in POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FieldError("{%s} {value}: must be an integer >= 1" % name, name, value=value)
+        for name in ("rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise FieldError("{%s} {value}: must be a finite number > 0" % name, name, value=value)
+        for name, (s_init, s_scale) in self.scales.items():
+            if not all(math.isfinite(v) and v > 0 for v in (s_init, 1.0 if s_scale is None else s_scale)):
+                raise FieldError(
+                    "{scales} {name}={init},{scale}: INIT and SCALE must be finite numbers > 0",
+                    "scales",
+                    name=name,
+                    init=s_init,
+                    scale=s_scale,
+                )
 
     @property
     def spec(self) -> ArchSpec:

@@ -15,15 +15,15 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
 from an_megatron.model.arch import ArchSpec
 from an_megatron.model.attention import attention, attention_with_exact_nu_att, visible_keys
+from an_megatron.model.components import compiled, swiglu
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.factors import nu_att_dense, nu_att_gaussian
-from an_megatron.model.layers import column_parallel, row_parallel, vocab_embedding
+from an_megatron.model.layers import column_parallel, row_parallel, row_scaled, vocab_embedding
 from an_megatron.model.scales import Tap
 
 
@@ -119,7 +119,9 @@ class MLP(nn.Module):
 
     anGPT's ``x_M = nu_down W_down(nu_act (s_u nu_uz u) * SiLU(s_v sqrt(d) nu_uz z))``: the
     product is linear in ``u`` and ``W_down`` is linear, so ``nu_uz nu_act nu_down`` joins
-    ``s_u`` and ``nu_uz`` joins ``s_v``: the factors cost no elementwise pass at all.
+    ``s_u`` and ``nu_uz`` joins ``s_v``. Both scales are per output channel of ``W_u; W_z``,
+    so they scale its rows (``row_scaled``): the factors and scales cost no pass over the
+    ``(b, s, f)`` activations.
     """
 
     def __init__(self, config: ModelConfig, spec: ArchSpec, layer: int):
@@ -130,13 +132,16 @@ class MLP(nn.Module):
         self.up_gate = column_parallel(config, f"layers.{layer}.mlp.up_gate", d, 2 * f, stride=2)
         self.gate_scales = spec.gate_scales(config, u_factor=nu_uz * nu_act * nu_down, z_factor=nu_uz)
         self.down = row_parallel(config, f"layers.{layer}.mlp.down", f, d)
+        self.swiglu = compiled(swiglu, config)
         self.tap_u, self.tap_act, self.tap_out = Tap(tp_sharded=True), Tap(tp_sharded=True), Tap()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        u, z = self.up_gate(h)[0].chunk(2, dim=-1)
-        self.tap_u(u, self.factors.nu_uz)
-        u, z = self.gate_scales(u, z)
-        a = u * F.silu(z)
+        row_scale = self.gate_scales.row_scale()  # [s_u * nu_uz nu_act nu_down; s_v * sqrt(d) nu_uz], or None
+        u, z = row_scaled(self.up_gate, h, row_scale).chunk(2, dim=-1)
+        # u came out scaled; the tap records nu_uz W_u h (a detached f-vector: nothing in training)
+        u_tap_scale = 1.0 if row_scale is None else self.factors.nu_uz / row_scale[: u.shape[-1]].detach()
+        self.tap_u(u, u_tap_scale)
+        a = self.swiglu(u, z)
         self.tap_act(a, 1.0 / self.factors.nu_down)
         return self.tap_out(self.down(a)[0])
 
@@ -172,7 +177,8 @@ class Embedding(nn.Module):
 
 class Head(nn.Module):
     """This rank's slice of the logits, ``(b, s, V / tp)``: GPT+ normalizes h first; nGPT and
-    anGPT use the raw (about unit-norm) h and a learnable temperature ``s_z``."""
+    anGPT use the raw (about unit-norm) h and a learnable temperature ``s_z``, per vocabulary
+    entry, so it scales the rows of ``W_out`` (``row_scaled``), not the logits."""
 
     def __init__(self, config: ModelConfig, spec: ArchSpec):
         super().__init__()
@@ -181,7 +187,7 @@ class Head(nn.Module):
         self.logit_scale = spec.logit_scale(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale(self.output(self.final_norm(h))[0])
+        return row_scaled(self.output, self.final_norm(h), self.logit_scale.row_scale())
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:

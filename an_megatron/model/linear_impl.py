@@ -38,6 +38,10 @@ class LinearImpl:
     name: str
     column: Callable[..., nn.Module]  # ColumnParallelLinear's arguments
     row: Callable[..., nn.Module]  # RowParallelLinear's arguments
+    # The column layer's forward takes ``weight=`` (megatron-core's own): a per-output-channel
+    # scale can then be multiplied into the weight's rows (``layers.row_scaled``). FP8 keeps
+    # scaling the output: a row-scaled weight would change what its per-tensor scaling quantizes.
+    scales_weight_rows: bool = False
 
 
 class _FP8MatmulMixin(LocalLinearOverride):
@@ -71,7 +75,7 @@ class TorchFP8RowParallelLinear(_FP8MatmulMixin, RowParallelLinear):
     pass
 
 
-LOCAL = LinearImpl("local", ColumnParallelLinear, RowParallelLinear)
+LOCAL = LinearImpl("local", ColumnParallelLinear, RowParallelLinear, scales_weight_rows=True)
 
 
 def _torch_fp8(config: ModelConfig) -> LinearImpl:

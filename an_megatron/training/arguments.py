@@ -16,13 +16,27 @@ import json
 import os
 import re
 
+from an_megatron.cli import (
+    ArgumentParser,
+    float_in,
+    nonnegative_float,
+    nonnegative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from an_megatron.data.arguments import add_data_args
 from an_megatron.data.config import DataConfig
 from an_megatron.errors import FieldError
 from an_megatron.model.arch import ARCH_SPECS
 from an_megatron.model.arguments import add_model_args, model_config_kwargs
+from an_megatron.model.config import ModelConfig
 from an_megatron.optim.schedules import DECAY_STYLES
 from an_megatron.training.config import TrainConfig
+
+BETA = float_in(0, 1, high_open=True)  # Adam's betas: [0, 1)
 
 
 class ConfigError(ValueError):
@@ -54,50 +68,54 @@ MODEL_FIELD_FLAGS = {
     "fp8_margin": "--fp8-margin",
     "fp8_amax_history_len": "--fp8-amax-history-len",
     "fp8_amax_compute_algo": "--fp8-amax-compute-algo",
+    "torch_compile": "--torch-compile",
 }
 
 
-def config_error(error: ValueError) -> ConfigError:
-    """A config's validation error as the command line reports it: fields named by their flags."""
+def config_error(error: ValueError, flags=MODEL_FIELD_FLAGS) -> ConfigError:
+    """A config's validation error as the command line reports it: fields named by their flags
+    (`flags`: field -> flag)."""
     if isinstance(error, ConfigError):
         return error
     if isinstance(error, FieldError):
-        return ConfigError(error.render(MODEL_FIELD_FLAGS))
+        return ConfigError(error.render(flags))
     return ConfigError(str(error))
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=None)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--lr", type=float, required=True)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--micro-batch-size", type=positive_int, default=None)
+    g.add_argument("--global-batch-size", type=positive_int, default=None)
+    g.add_argument("--train-iters", type=positive_int, required=True)
+    g.add_argument("--lr", type=positive_float, required=True)
+    g.add_argument("--min-lr", type=nonnegative_float, default=0.0)
     g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine")
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument("--lr-decay-iters", type=positive_int, default=None, help="default --train-iters")
     g.add_argument(
         "--lr-warmup-iters",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="default 0 for anGPT/nGPT; for GPT+ 10%% of --train-iters, at most 2000",
     )
-    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
-    g.add_argument("--weight-decay", type=float, default=None, help="default 0 for anGPT/nGPT, 0.1 for GPT+")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--lr-wsd-decay-iters", type=positive_int, default=None)
+    g.add_argument(
+        "--weight-decay", type=nonnegative_float, default=None, help="default 0 for anGPT/nGPT, 0.1 for GPT+"
+    )
+    g.add_argument("--clip-grad", type=nonnegative_float, default=1.0, help="0 disables clipping")
+    g.add_argument("--adam-beta1", type=BETA, default=0.9)
+    g.add_argument("--adam-beta2", type=BETA, default=0.95)
+    g.add_argument("--adam-eps", type=positive_float, default=1e-8)
+    g.add_argument("--seed", type=seed_int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument(
         "--max-nonfinite-steps",
-        type=int,
+        type=positive_int,
         default=10,
         help="stop after this many consecutive steps with a non-finite loss or gradient",
     )
     g = parser.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g = parser.add_argument_group("checkpointing, evaluation and logging")
     g.add_argument(
@@ -112,34 +130,49 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="allow a fresh run (no --load) to save into a --save directory that already holds checkpoints "
         "(its checkpoints of the same iterations are replaced)",
     )
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-interval", type=positive_int, default=None)
     g.add_argument(
         "--exit-interval",
-        type=int,
+        type=positive_int,
         default=None,
         help="save (with --save) and exit when the iteration is a multiple of this",
     )
     g.add_argument("--load", default=None)
+    g.add_argument(
+        "--ckpt-step",
+        type=nonnegative_int,
+        default=None,
+        help="load this iteration's checkpoint from --load instead of the one 'latest' names (e.g. to branch a WSD "
+        "cool-down from an earlier step)",
+    )
     g.add_argument(
         "--no-load-optim",
         action="store_true",
         help="load only the weights from --load (fresh optimizer; needed for converted checkpoints)",
     )
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states saved in --load")
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10)
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--metrics-file", default=None, help="JSONL: one record per logged iteration and evaluation")
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=nonnegative_int, default=1000, help="0: never evaluate")
+    g.add_argument("--eval-iters", type=nonnegative_int, default=10)
+    g.add_argument(
+        "--full-validation",
+        action="store_true",
+        help="every evaluation covers the whole validation split, the same samples each time (instead of "
+        "--eval-iters batches that move on through it)",
+    )
+    g.add_argument("--log-interval", type=positive_int, default=100)
+    g.add_argument(
+        "--metrics-file", type=output_file, default=None, help="JSONL: one record per logged iteration and evaluation"
+    )
+    g.add_argument("--tensorboard-dir", type=output_dir, default=None)
     g.add_argument(
         "--peak-tflops",
-        type=float,
+        type=positive_float,
         default=None,
         help="dense bf16 peak per device for MFU (default: known GPUs; none on CPU)",
     )
     g.add_argument(
         "--generate-tokens",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="after training, print a sample of this many tokens (single pipeline stage only)",
     )
@@ -149,7 +182,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def build_parser() -> argparse.ArgumentParser:
     import deepspeed
 
-    parser = argparse.ArgumentParser(description="Pretrain anGPT, nGPT or GPT+ with DeepSpeed.", allow_abbrev=False)
+    parser = ArgumentParser(description="Pretrain anGPT, nGPT or GPT+ with DeepSpeed.", allow_abbrev=False)
     add_model_args(parser)
     add_data_args(parser)
     add_training_args(parser)
@@ -173,12 +206,25 @@ def load_ds_config(args) -> dict:
     if path is None:
         return {}
     if not os.path.isfile(path):
-        raise ConfigError(f"--deepspeed_config {path}: no such file")
+        raise ConfigError(f"--deepspeed_config {path}: {'a directory' if os.path.isdir(path) else 'no such file'}")
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            ds = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed_config {path}: expected a JSON object, got {type(ds).__name__}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--deepspeed_config {path}: {key} {value!r} must be an integer >= 1")
+    for key in ("bf16", "fp16", "zero_optimization"):
+        if not isinstance(ds.get(key, {}), dict):
+            raise ConfigError(f"--deepspeed_config {path}: {key} {ds[key]!r} must be a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--deepspeed_config {path}: zero_optimization stage {stage!r} must be 0, 1, 2 or 3")
+    return ds
 
 
 def reconcile_ds_config(args, ds: dict, world_size: int, explicit_flags=frozenset()) -> tuple[dict, dict]:
@@ -222,6 +268,11 @@ def reconcile_ds_config(args, ds: dict, world_size: int, explicit_flags=frozense
     if micro is None:
         if accum is None:
             raise ConfigError(f"--global-batch-size {glob} alone is ambiguous: give --micro-batch-size")
+        if glob < accum * dp:
+            raise ConfigError(
+                f"--global-batch-size {glob} is less than ds.json gradient_accumulation_steps {accum} x "
+                f"data-parallel size {dp}"
+            )
         micro = glob // (accum * dp)
     if glob is None:
         glob = micro * (accum or 1) * dp
@@ -286,6 +337,57 @@ def train_config(args, settled: dict) -> TrainConfig:
     return TrainConfig(**values, **derived, data=data_config(args), model=model_config_kwargs(args))
 
 
+def check_flags(args) -> None:
+    """The relations between flags that the flags' own types cannot check; ``ConfigError``."""
+    for flag, value, needs, given in (
+        ("--save-interval", args.save_interval, "--save DIR", args.save),
+        ("--overwrite-save", args.overwrite_save, "--save DIR", args.save),
+        ("--no-load-optim", args.no_load_optim, "--load DIR", args.load),
+        ("--no-load-rng", args.no_load_rng, "--load DIR", args.load),
+        ("--ckpt-step", args.ckpt_step, "--load DIR", args.load),
+        ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters, "--lr-decay-style wsd", args.lr_decay_style == "wsd"),
+    ):
+        if value not in (None, False) and not given:
+            raise ConfigError(f"{flag} needs {needs}")
+    shares = re.findall(r"[0-9]*\.?[0-9]+", args.split)  # the numbers, as megatron-core reads them
+    if not args.mock_data and shares and float(shares[0]) <= 0:
+        raise ConfigError(f"--split {args.split}: training gets no data (its share, the first number, is 0)")
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    schedule = _arch_defaults(args)
+    warmup, decay = schedule["lr_warmup_iters"], schedule["lr_decay_iters"]
+    if warmup > decay:
+        given = "" if args.lr_warmup_iters is not None else f" (the default for --arch {args.arch})"
+        raise ConfigError(f"--lr-warmup-iters {warmup}{given} is more than --lr-decay-iters {decay}")
+    if args.lr_wsd_decay_iters is not None and args.lr_wsd_decay_iters > decay - warmup:
+        raise ConfigError(
+            f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} is more than the {decay - warmup} iterations between "
+            f"the warm-up (--lr-warmup-iters {warmup}) and --lr-decay-iters {decay}"
+        )
+    pp = args.pipeline_model_parallel_size
+    if pp > args.num_layers:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {pp} is more than --num-layers {args.num_layers} (one block per stage "
+            f"at least)"
+        )
+    # The model's shapes (heads, ffn and vocabulary against the TP size, ...), before anything
+    # starts: the padded vocabulary is a multiple of the TP size, so any multiple stands for it.
+    kwargs = model_config_kwargs(args)
+    try:
+        ModelConfig(**kwargs, vocab_size=args.make_vocab_size_divisible_by * kwargs["tensor_model_parallel_size"])
+    except ValueError as e:
+        raise config_error(e) from None
+    if args.data_path:
+        from an_megatron.data.arguments import data_error_message
+        from an_megatron.data.datasets import parse_data_path
+        from an_megatron.data.errors import DataError
+
+        try:
+            parse_data_path(args.data_path)
+        except DataError as e:
+            raise ConfigError(data_error_message(e)) from None
+
+
 def parse_args(argv=None, world_size: int | None = None) -> tuple[TrainConfig, dict]:
     """Parse flags, apply per-architecture defaults, reconcile with ds.json.
 
@@ -303,11 +405,7 @@ def parse_args(argv=None, world_size: int | None = None) -> tuple[TrainConfig, d
         raise ConfigError("no training data: give --data-path PREFIX (or --mock-data)")
     if args.tokenizer_type is None:
         raise ConfigError("--tokenizer-type is required (NullTokenizer with --vocab-size for synthetic ids)")
-    if args.save_interval is not None and args.save is None:
-        raise ConfigError("--save-interval needs --save DIR")
-    shares = re.findall(r"[0-9]*\.?[0-9]+", args.split)  # the numbers, as megatron-core reads them
-    if not args.mock_data and shares and float(shares[0]) <= 0:
-        raise ConfigError(f"--split {args.split}: training gets no data (its share, the first number, is 0)")
+    check_flags(args)
     if args.tensorboard_dir is not None:  # refuse now, not after the model and data are built
         try:
             import torch.utils.tensorboard  # noqa: F401

@@ -10,6 +10,11 @@ pid); after a barrier rank 0 adds ``an_megatron.json``, renames the directory to
 only then replaces ``latest`` atomically. A checkpoint directory is never written into once
 published; leftovers of a crashed save are removed at the next start (``remove_leftovers``). A run
 holds ``{save}/.lock`` while it writes (``SaveLock``).
+
+Loading runs no code from the files: every file DeepSpeed's loader reads goes through
+``compat.deepspeed.load_file`` (``torch.load(weights_only=True)`` with a short allowlist of
+DeepSpeed's plain types); our client state holds plain data only (the RNG states as tuples,
+lists and tensors).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import re
 import shutil
 import socket
 import time
+import zipfile
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from an_megatron.compat import deepspeed as ds_compat
 from an_megatron.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -58,6 +65,7 @@ def tag_for(iteration: int) -> str:
 # checkpoint moved aside while a new one of the same iteration replaces it.
 _TEMP_TAG = re.compile(r"^(iter_\d{7})\.tmp-\d+(\.old)?$")
 _TAG = re.compile(r"^iter_\d{7}$")
+_TEMP_LATEST = re.compile(r"^latest\.tmp\.\d+$")  # _write_atomic's temporary file for `latest`
 LOCK = ".lock"
 
 
@@ -71,13 +79,17 @@ def existing_checkpoints(save_dir: str) -> list[str]:
 
 def remove_leftovers(save_dir: str) -> list[str]:
     """Remove the temporary tag directories of crashed saves (only names of our pattern); a
-    checkpoint moved aside (``.old``) whose replacement was never published is put back."""
+    checkpoint moved aside (``.old``) whose replacement was never published is put back. A
+    temporary ``latest`` of a crash while it was replaced is removed too (not listed)."""
     if not os.path.isdir(save_dir):
         return []
     removed = []
     for name in sorted(os.listdir(save_dir)):
         m = _TEMP_TAG.match(name)
         path = os.path.join(save_dir, name)
+        if _TEMP_LATEST.match(name) and os.path.isfile(path):
+            os.remove(path)
+            continue
         if not m or not os.path.isdir(path):
             continue
         final = os.path.join(save_dir, m.group(1))
@@ -169,7 +181,9 @@ class SaveLock:
 
 
 def _rng_state() -> dict:
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    """Plain data and tensors only (loaded weights-only): numpy's key array becomes a list."""
+    kind, key, *rest = np.random.get_state()
+    state = dict(python=random.getstate(), numpy=(kind, key.tolist(), *rest), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -250,19 +264,32 @@ def save_checkpoint(
     return tag
 
 
-def read_checkpoint_meta(load_dir: str) -> tuple[str, dict]:
-    """The tag ``latest`` points to and its metadata; a clear error when there is none."""
+def read_checkpoint_meta(load_dir: str, iteration: int | None = None) -> tuple[str, dict]:
+    """The tag ``latest`` points to (or ``iteration``'s, with --ckpt-step) and its metadata; a
+    clear error when there is none."""
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load {load_dir}: no such directory")
-    pointer = os.path.join(load_dir, LATEST)
-    if not os.path.isfile(pointer):
-        raise CheckpointError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint to resume from")
-    tag = open(pointer).read().strip()
+    if iteration is not None:
+        tag = tag_for(iteration)
+        if not os.path.isdir(os.path.join(load_dir, tag)):
+            found = [n for n in existing_checkpoints(load_dir) if n != LATEST]
+            raise CheckpointError(
+                f"--ckpt-step {iteration}: --load {load_dir} has no {tag} (it has: {', '.join(found) or 'none'})"
+            )
+    else:
+        pointer = os.path.join(load_dir, LATEST)
+        if not os.path.isfile(pointer):
+            raise CheckpointError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint to resume from")
+        tag = open(pointer).read().strip()
     meta_path = os.path.join(load_dir, tag, META)
     if not os.path.isfile(meta_path):
-        raise CheckpointError(f"--load {load_dir}: '{LATEST}' names {tag!r} but {meta_path} is missing")
-    with open(meta_path) as f:
-        return tag, json.load(f)
+        raise CheckpointError(f"--load {load_dir}: checkpoint {tag!r} is incomplete: {meta_path} is missing")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # truncated or overwritten
+        raise CheckpointError(f"--load {load_dir}: {meta_path} is not valid JSON ({e}): the checkpoint is damaged")
+    return tag, meta
 
 
 def check_compatible(meta: dict, config: ModelConfig, load_dir: str) -> None:
@@ -274,15 +301,55 @@ def check_compatible(meta: dict, config: ModelConfig, load_dir: str) -> None:
         raise CheckpointError(f"--load {load_dir}: checkpoint model differs from the flags: {', '.join(diffs)}")
 
 
+_ZERO_PARTITION = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def _torch_file_intact(path: str) -> bool:
+    """A zip archive (torch.save's format) with its central directory, or a legacy pickle; reads
+    the file's first and last bytes only, never unpickles."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # the pickle protocol marker of torch's legacy format
+
+
+def check_files(load_dir: str, tag: str, dp: int, load_optim: bool) -> None:
+    """Refuse, in one line, what DeepSpeed's loader would fail on with a traceback: a damaged
+    file (every ``.pt`` is a zip archive; a truncated one has no central directory), and ZeRO
+    optimizer partitions of another data-parallel size."""
+    ckpt_dir = os.path.join(load_dir, tag)
+    names = sorted(os.listdir(ckpt_dir))
+    for path in (os.path.join(ckpt_dir, name) for name in names if name.endswith(".pt")):
+        if not _torch_file_intact(path):
+            raise CheckpointError(
+                f"--load {load_dir}: {path} is damaged (truncated or not a torch checkpoint file, "
+                f"{os.path.getsize(path)} bytes): resume from an earlier checkpoint by writing its iter_* name "
+                f"into {os.path.join(load_dir, LATEST)}"
+            )
+    saved_dp = len({m.group(1) for m in map(_ZERO_PARTITION.match, names) if m})
+    if load_optim and saved_dp and saved_dp != dp:
+        raise CheckpointError(
+            f"--load {load_dir}: {tag} was saved with data-parallel size {saved_dp} (ZeRO partitions its optimizer "
+            f"state {saved_dp} ways), this run has {dp}: launch {saved_dp} x TP x PP processes to resume exactly, or "
+            f"add --no-load-optim to continue from its weights with a fresh optimizer"
+        )
+
+
 def load_checkpoint(
-    engine, load_dir: str, config: ModelConfig, load_optim: bool = True, load_rng: bool = True
+    engine,
+    load_dir: str,
+    config: ModelConfig,
+    load_optim: bool = True,
+    load_rng: bool = True,
+    iteration: int | None = None,
 ) -> tuple[int, int]:
-    """Restore engine (weights, and the optimizer unless ``load_optim`` is False) and our state;
-    returns (iteration, consumed_samples). Without the optimizer, DeepSpeed loads the module only
-    (``load_module_only``) and ZeRO-1/2 copy the loaded weights into their fp32 masters."""
+    """Restore engine (weights, and the optimizer unless ``load_optim`` is False) and our state
+    from ``latest``'s checkpoint, or ``iteration``'s; returns (iteration, consumed_samples).
+    Without the optimizer, DeepSpeed loads the module only (``load_module_only``) and ZeRO-1/2
+    copy the loaded weights into their fp32 masters."""
     from an_megatron.parallel import groups
 
-    tag, meta = read_checkpoint_meta(load_dir)
+    tag, meta = read_checkpoint_meta(load_dir, iteration)
     check_compatible(meta, config, load_dir)
     saved = (meta["model_config"].get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
     run = (config.tensor_model_parallel_size, groups.pp_size())
@@ -291,6 +358,7 @@ def load_checkpoint(
             f"--load {load_dir}: {tag} was saved with TP={saved[0]} PP={saved[1]}, this run is "
             f"TP={run[0]} PP={run[1]}: convert it with tools/convert_checkpoint.py reshard"
         )
+    check_files(load_dir, tag, groups.dp_size(), load_optim)
     if meta.get("weights_only") and load_optim:
         raise CheckpointError(
             f"--load {load_dir}: {tag} holds weights only (written by tools/convert_checkpoint.py): add --no-load-optim"
@@ -300,13 +368,22 @@ def load_checkpoint(
             f"--load {load_dir}: {tag} holds weights only, and DeepSpeed loads ZeRO-3 weights from "
             f"optimizer files: start from it with ZeRO stage 0-2"
         )
-    path, client_state = engine.load_checkpoint(
-        load_dir,
-        tag=tag,
-        load_optimizer_states=load_optim,
-        load_lr_scheduler_states=load_optim,
-        load_module_only=not load_optim,
-    )
+    if engine.load_universal_checkpoint():
+        raise CheckpointError(
+            f"--load {load_dir}: checkpoint.load_universal in the DeepSpeed config is not supported (DeepSpeed "
+            f"reads universal checkpoints with loaders that run code from the files)"
+        )
+    try:
+        with ds_compat.loading_weights_only(engine):
+            path, client_state = engine.load_checkpoint(
+                load_dir,
+                tag=tag,
+                load_optimizer_states=load_optim,
+                load_lr_scheduler_states=load_optim,
+                load_module_only=not load_optim,
+            )
+    except ds_compat.CheckpointFileError as e:
+        raise CheckpointError(str(e)) from None
     if path is None:
         raise CheckpointError(f"--load {load_dir}: DeepSpeed could not load {tag!r}")
     if load_rng and client_state and "rng" in client_state:
@@ -322,12 +399,13 @@ def layer_file_name(layer_index: int, tp_rank: int = 0) -> str:
 
 def gpt_state_dict_from_layer_files(checkpoint_dir: str, num_layers: int, tp_rank: int = 0) -> dict:
     """One tensor rank's ``GPTModel`` state dict from a DeepSpeed pipeline checkpoint directory
-    (``<save_dir>/<tag>``), whatever the pipeline size it was saved with."""
+    (``<save_dir>/<tag>``), whatever the pipeline size it was saved with. A file that does not
+    load raises ``compat.deepspeed.CheckpointFileError``."""
     from an_megatron.parallel.pipeline import gpt_name_in_layer  # here: pipeline imports this module
 
     state = {}
     for layer_index in range(num_layers + 2):
         path = os.path.join(checkpoint_dir, layer_file_name(layer_index, tp_rank))
-        for name, value in torch.load(path, map_location="cpu", weights_only=False).items():
+        for name, value in ds_compat.load_file(path).items():
             state[gpt_name_in_layer(layer_index, name, num_layers)] = value
     return state

@@ -51,10 +51,12 @@ class TrainConfig:
     save_interval: int | None = None
     exit_interval: int | None = None
     load: str | None = None
+    ckpt_step: int | None = None
     no_load_optim: bool = False
     no_load_rng: bool = False
     eval_interval: int = 1000
     eval_iters: int = 10
+    full_validation: bool = False
     log_interval: int = 100
     metrics_file: str | None = None
     tensorboard_dir: str | None = None

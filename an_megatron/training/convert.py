@@ -13,7 +13,9 @@ ourselves). Stage 0 takes the module's weights
 the rounded copies (the stage-0 bf16 optimizer's masters are stored without names).
 Tensor-parallel shards are merged with ``merge_tp_shards``; which parameters are split, along
 which dimension and with which stride is read from a TP=1 ``GPTModel`` built from the saved config
-(megatron-core marks its parameters), so it cannot drift from the model.
+(megatron-core marks its parameters), so it cannot drift from the model. Every file is read
+weights-only (``compat.deepspeed.load_file``, also inside ``zero_to_fp32``): a file naming code
+is refused with one line naming it, and nothing of it runs.
 
 The writer starts ``T * P`` processes that each load the whole consolidated file: the host needs
 that much memory (fine for CPU-side conversion of the models this project trains).
@@ -102,12 +104,13 @@ def param_metadata(config: ModelConfig) -> dict[str, tuple[tuple, int | None, in
 
 
 def _load(path: str) -> dict:
+    """A file of a checkpoint or a consolidated file, loaded weights-only (``load_file``)."""
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise ConvertError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+        return ds_compat.load_file(path)
+    except ds_compat.CheckpointFileError as e:  # truncated, not a torch file, or naming code
+        raise ConvertError(str(e)) from None
 
 
 def _zero_masters(
@@ -199,12 +202,15 @@ def consolidate(load_dir: str, tag: str | None = None) -> dict:
     shards: dict[str, dict[int, torch.Tensor]] = {}
     for mp_rank in range(mp_world):
         tp_rank = mp_rank % tp
-        if stage > 0:
-            local = _zero_masters(ckpt_dir, mp_rank, stage, dp, bf16, pipelined)
-        elif pipelined and mp_rank >= tp:
-            continue  # the layer files of every stage were read with the first stage
-        else:
-            local = _module_weights(ckpt_dir, mp_rank, tp_rank, pipelined, config.num_layers)
+        try:  # files read by zero_to_fp32 and the layer files: one line naming the file
+            if stage > 0:
+                local = _zero_masters(ckpt_dir, mp_rank, stage, dp, bf16, pipelined)
+            elif pipelined and mp_rank >= tp:
+                continue  # the layer files of every stage were read with the first stage
+            else:
+                local = _module_weights(ckpt_dir, mp_rank, tp_rank, pipelined, config.num_layers)
+        except ds_compat.CheckpointFileError as e:
+            raise ConvertError(str(e)) from None
         for name, value in local.items():
             if pipelined and stage > 0:
                 name = gpt_param_name(name, config.num_layers)
@@ -349,6 +355,19 @@ def refuse_existing(out_dir: str, overwrite: bool = False) -> None:
         )
 
 
+def check_target_layout(config: dict, tp: int, pp: int) -> None:
+    """The model of `config` (a ``ModelConfig`` dict) must work for TP=``tp`` x PP=``pp``: heads,
+    ffn and vocabulary divisible by ``tp``, one block per pipeline stage at least."""
+    try:
+        config = replace(ModelConfig(**config), tensor_model_parallel_size=tp)
+    except ValueError as e:
+        raise ConvertError(f"--target-tensor-model-parallel-size {tp}: {e}") from None
+    if pp < 1 or pp > config.num_layers:
+        raise ConvertError(
+            f"--target-pipeline-model-parallel-size {pp}: must be 1..{config.num_layers} (one block per stage at least)"
+        )
+
+
 def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int, overwrite: bool = False) -> str:
     """Write ``consolidated_path`` as a weights-only checkpoint for TP=``tp`` x PP=``pp`` in
     ``out_dir``; returns the tag directory. Runs ``tp * pp`` local processes. A directory holding
@@ -359,14 +378,7 @@ def write_layout(consolidated_path: str, out_dir: str, tp: int, pp: int, overwri
     from an_megatron.training.checkpointing import tag_for
 
     obj = load_consolidated(consolidated_path)
-    try:  # the target shapes must work (heads, ffn and vocabulary divisible by tp)
-        config = replace(ModelConfig(**obj["config"]), tensor_model_parallel_size=tp)
-    except ValueError as e:
-        raise ConvertError(f"--target-tensor-model-parallel-size {tp}: {e}") from None
-    if pp < 1 or pp > config.num_layers:
-        raise ConvertError(
-            f"--target-pipeline-model-parallel-size {pp}: must be 1..{config.num_layers} (one block per stage at least)"
-        )
+    check_target_layout(obj["config"], tp, pp)
     tag = tag_for(obj["iteration"])
     refuse_existing(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)

@@ -76,11 +76,20 @@ def global_norm(params, grads: bool, tp_group, pp_group=None, dp_group=None) -> 
     return math.sqrt(total.item())
 
 
+def lm_loss(r: dict) -> str:
+    """The window's mean loss over its applied steps; a window whose every step was skipped
+    has none, and says so rather than print nan."""
+    if r.get("lm_loss") is not None:
+        return format(r["lm_loss"], ".6E")
+    n = r.get("window_iterations")
+    return f"skipped ({n} of {n} iterations)" if n else "skipped"
+
+
 def console_line(r: dict) -> str:
     """Megatron's log line."""
 
     def num(key, fmt):
-        return "nan" if r.get(key) is None else format(r[key], fmt)
+        return "n/a" if r.get(key) is None else format(r[key], fmt)  # inf and nan print as such
 
     parts = [
         f" iteration {r['iteration']:8d}/{r['train_iters']:8d}",
@@ -88,7 +97,7 @@ def console_line(r: dict) -> str:
         f"elapsed time per iteration (ms): {r['step_time_s'] * 1e3:.1f}",
         f"learning rate: {r['lr']:.6E}",
         f"global batch size: {r['global_batch_size']:5d}",
-        f"lm loss: {num('lm_loss', '.6E')}",
+        f"lm loss: {lm_loss(r)}",
         f"grad norm: {num('grad_norm', '.3f')}",
         f"params norm: {num('params_norm', '.3f')}",
         f"tokens/s: {r['tokens_per_sec']:.0f}",
@@ -125,6 +134,8 @@ class MetricsSink:
             self.tb = SummaryWriter(log_dir=tensorboard_dir)
 
     def write(self, record: dict) -> None:
+        # JSON has no NaN or Infinity: a non-finite value is recorded as null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         if self.file:
             self.file.write(json.dumps(record) + "\n")
         if self.tb:
@@ -151,5 +162,7 @@ def read_metrics(path: str) -> dict:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{n}: not a JSON record") from None
+            if not isinstance(r, dict) or not isinstance(r.get("iteration"), int):
+                raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with an 'iteration')")
             (evals if "val_loss" in r else train).append(r)
     return {"train": train, "eval": evals}

@@ -32,6 +32,7 @@ from an_megatron.training.checkpointing import (
 )
 from an_megatron.training.config import TrainConfig
 from an_megatron.training.metrics import MetricsSink, console_line, flops_per_token, global_norm, peak_tflops
+from an_megatron.training.preflight import PreflightError, check_outputs
 
 
 class TrainingError(RuntimeError):
@@ -41,6 +42,12 @@ class TrainingError(RuntimeError):
 def print_rank0(*a, **k):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
+
+
+def is_logger_rank(cfg: TrainConfig) -> bool:
+    """The rank that prints the log lines and writes the metrics: the last pipeline stage sees
+    the loss."""
+    return dist.get_rank() == (dist.get_world_size() - 1 if cfg.pipeline_model_parallel_size > 1 else 0)
 
 
 class Trainer:
@@ -60,6 +67,7 @@ class Trainer:
             self.config = cfg.model_config(cfg.data.padded_vocab_size(self.tokenizer.vocab_size))
         except ValueError as e:  # shapes that cannot work: one line naming the value (or the flag)
             raise config_error(e) from None
+        self._build_datasets()  # the data's errors come before the model and engine are built
         self.pipelined = cfg.pipeline_model_parallel_size > 1
         if self.pipelined:
             from an_megatron.parallel.pipeline import build_pipeline_module
@@ -79,41 +87,67 @@ class Trainer:
         self.model = model
         register_norm_bound(self.engine, model)
         self.iteration, self.consumed_samples = 0, 0
+        self.loaded_iteration = None
         if cfg.load:
             self.iteration, self.consumed_samples = load_checkpoint(
-                self.engine, cfg.load, self.config, load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng
+                self.engine,
+                cfg.load,
+                self.config,
+                load_optim=not cfg.no_load_optim,
+                load_rng=not cfg.no_load_rng,
+                iteration=cfg.ckpt_step,
             )
             print_rank0(f"loaded checkpoint from {cfg.load} at iteration {self.iteration}")
-        self.last_saved = None
+            self.loaded_iteration = self.iteration
+        self.last_saved = None  # the iteration of the newest checkpoint of this run's state in --save
+        self.saved_in_run = None  # the iteration of the newest checkpoint this run wrote
         if cfg.load and cfg.save and os.path.realpath(cfg.load) == os.path.realpath(cfg.save):
             self.last_saved = self.iteration  # the resumed state is that checkpoint: never saved again
-        self._build_data()
-        is_logger = dist.get_rank() == dist.get_world_size() - 1 if self.pipelined else dist.get_rank() == 0
+        self._build_loader()
+        is_logger = is_logger_rank(cfg)
         self.sink = MetricsSink(cfg.metrics_file, cfg.tensorboard_dir, active=is_logger)
         self.is_logger = is_logger
         self.tokens_per_iteration = cfg.global_batch_size * cfg.seq_length
         self.flops_per_iteration = flops_per_token(self.config) * self.tokens_per_iteration
         self.peak = peak_tflops(cfg.peak_tflops)
         self.skipped, self.nan_iterations, self.nonfinite_streak = 0, 0, 0
+        self.first_nonfinite = None  # the iteration where the current streak of non-finite steps began
 
     # ---- data ------------------------------------------------------------------------------
-    def _build_data(self):
-        from an_megatron.data import build_data_loader, build_train_valid_test_datasets, resolve_eod
+    def _build_datasets(self):
+        """Check the data (present, non-empty, token ids inside the tokenizer's vocabulary, a
+        sample for every split with a share) and build the datasets."""
+        from an_megatron.data import build_train_valid_test_datasets, resolve_eod
 
         c = self.cfg
         evals = c.train_iters // c.eval_interval + 1 if c.eval_interval else 0
         num_samples = [
             c.train_iters * c.global_batch_size,
-            evals * c.eval_iters * c.global_batch_size,
+            None if c.full_validation else evals * c.eval_iters * c.global_batch_size,  # None: one epoch
             c.eval_iters * c.global_batch_size,
         ]
-        train, valid, _ = build_train_valid_test_datasets(c.data, self.tokenizer, num_samples)
+        self.train_dataset, self.valid_dataset, _ = build_train_valid_test_datasets(c.data, self.tokenizer, num_samples)
+        valid = self.valid_dataset
+        if c.full_validation and valid is not None and len(valid) < c.global_batch_size:
+            raise ConfigError(
+                f"--full-validation: the validation split holds {len(valid)} samples of --seq-length "
+                f"{c.seq_length}, fewer than one global batch ({c.global_batch_size}): give it a larger --split share"
+            )
         self.eod = resolve_eod(c.data, self.tokenizer)  # the corpus's own end of document (documents masks)
-        dp_rank, dp = groups.dp_rank(), groups.dp_size()
+
+    def _build_loader(self):
+        """The training batches, from the data position of the loaded checkpoint."""
+        from an_megatron.data import build_data_loader
+
+        c = self.cfg
         self.train_loader = build_data_loader(
-            train, self.consumed_samples, c.micro_batch_size, dp_rank, dp, c.data.num_workers
+            self.train_dataset,
+            self.consumed_samples,
+            c.micro_batch_size,
+            groups.dp_rank(),
+            groups.dp_size(),
+            c.data.num_workers,
         )
-        self.valid_dataset = valid
         self.train_iter = iter(self.train_loader)
         self.valid_consumed = 0
 
@@ -209,13 +243,14 @@ class Trainer:
         from an_megatron.data import build_data_loader
 
         c = self.cfg
-        loader = build_data_loader(
-            self.valid_dataset, self.valid_consumed, c.micro_batch_size, groups.dp_rank(), groups.dp_size(), 0
-        )
+        # --full-validation: every complete global batch of the split, from its start each time
+        start = 0 if c.full_validation else self.valid_consumed
+        iters = len(self.valid_dataset) // c.global_batch_size if c.full_validation else c.eval_iters
+        loader = build_data_loader(self.valid_dataset, start, c.micro_batch_size, groups.dp_rank(), groups.dp_size(), 0)
         it = iter(loader)
         losses = []
         self.engine.eval()
-        for _ in range(c.eval_iters):
+        for _ in range(iters):
             if self.pipelined:
                 with fp8_autocast(self.config):
                     losses.append(torch.as_tensor(float(self.engine.eval_batch(self._pipeline_batches(it)))))
@@ -223,17 +258,43 @@ class Trainer:
             for _ in range(c.gradient_accumulation_steps):
                 losses.append(self._forward(self._to_device(next(it))).float())
         self.engine.train()
-        self.valid_consumed += c.eval_iters * c.global_batch_size
+        if not c.full_validation:
+            self.valid_consumed += c.eval_iters * c.global_batch_size
         return self._dp_mean(torch.stack(losses).mean())
 
     # ---- the loop ----------------------------------------------------------------------------
     def save(self):
+        """Save this iteration's checkpoint, unless the weights' norm is not finite (a finite
+        loss and gradient do not guarantee sane weights: one step at a huge learning rate
+        leaves weights of 1e30, whose squared norm overflows)."""
         if self.cfg.save and self.last_saved != self.iteration:
+            norm = self.params_norm()
+            if not math.isfinite(norm):
+                print_rank0(f"not saving the checkpoint of iteration {self.iteration}: the weights' norm is {norm}")
+                return
             tag = save_checkpoint(
                 self.engine, self.cfg.save, self.iteration, self.consumed_samples, self.config, self.cfg
             )
-            self.last_saved = self.iteration
+            self.last_saved = self.saved_in_run = self.iteration
             print_rank0(f"saved checkpoint {os.path.join(self.cfg.save, tag)}")
+
+    def stop_report(self) -> str:
+        """Why training stops after non-finite steps, and which checkpoint to go back to: the
+        newest one saved before the streak began, with what was checked of it."""
+        c = self.cfg
+        report = (
+            f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (iterations "
+            f"{self.first_nonfinite} to {self.iteration}); stopping. "
+        )
+        if self.saved_in_run is not None:
+            return report + (
+                f"Last checkpoint saved before the first of them: {os.path.join(c.save, tag_for(self.saved_in_run))} "
+                f"(checked when saved: its step's loss and gradient norm and its weights' norm were finite)"
+            )
+        report += "No checkpoint was saved in this run before the first of them"
+        if self.loaded_iteration is not None:
+            report += f"; it started from --load {c.load} (iteration {self.loaded_iteration})"
+        return report
 
     def params_norm(self):
         pp_group = groups.parallel_state.get_pipeline_model_parallel_group() if self.pipelined else None
@@ -258,6 +319,8 @@ class Trainer:
             self.nan_iterations += not math.isfinite(loss)
             self.skipped += not applied
             self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+            if self.nonfinite_streak == 1:
+                self.first_nonfinite = self.iteration
             if finite:
                 window["losses"].append(loss)
             window["iters"] += 1
@@ -272,11 +335,7 @@ class Trainer:
             if (periodic or final) and self.nonfinite_streak == 0:
                 self.save()
             if self.nonfinite_streak >= c.max_nonfinite_steps:
-                last = "none saved" if self.last_saved is None else os.path.join(c.save, tag_for(self.last_saved))
-                raise TrainingError(
-                    f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (up to iteration "
-                    f"{self.iteration}); stopping. Last good checkpoint: {last}"
-                )
+                raise TrainingError(self.stop_report())
             if c.eval_interval and (self.iteration % c.eval_interval == 0 or self.iteration == c.train_iters):
                 t_eval = time.perf_counter()
                 self._log_eval()
@@ -299,8 +358,10 @@ class Trainer:
             consumed_tokens=self.consumed_samples * c.seq_length,
             global_batch_size=c.global_batch_size,
             lm_loss=sum(window["losses"]) / len(window["losses"]) if window["losses"] else None,
+            window_iterations=window["iters"],
+            window_skipped_iterations=window["iters"] - len(window["losses"]),
             lr=lr,
-            grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
+            grad_norm=grad_norm,  # the metrics file records a non-finite value as null
             params_norm=self.params_norm(),
             step_time_s=step_time,
             tokens_per_sec=self.tokens_per_iteration / step_time,
@@ -364,6 +425,14 @@ def guard_save_dir(cfg: TrainConfig) -> SaveLock | None:
             for note in lock.notes:
                 print(note, flush=True)
             found = existing_checkpoints(cfg.save)
+            same_dir = cfg.load and os.path.realpath(cfg.load) == os.path.realpath(cfg.save)
+            later = [n for n in found if n != "latest" and cfg.ckpt_step is not None and int(n[5:]) > cfg.ckpt_step]
+            if same_dir and later:
+                raise CheckpointError(
+                    f"--ckpt-step {cfg.ckpt_step} with --save equal to --load {cfg.load}: the run would replace its "
+                    f"later checkpoints ({', '.join(later[:3])}{', ...' if len(later) > 3 else ''}): branch into "
+                    f"another --save"
+                )
             if not cfg.load and found and not cfg.overwrite_save:
                 raise CheckpointError(
                     f"--save {cfg.save} already holds checkpoints ({', '.join(found[:3])}"
@@ -402,13 +471,14 @@ def pretrain(argv=None) -> int:
     groups.initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     trainer, lock = None, None
     try:
+        check_outputs(cfg, is_logger_rank(cfg))
         lock = guard_save_dir(cfg)
         trainer = Trainer(cfg, ds_config)
         trainer.train()
         if cfg.generate_tokens:
             trainer.generate_sample(cfg.generate_tokens)
         return 0
-    except (ConfigError, CheckpointError, TrainingError) as e:
+    except (ConfigError, CheckpointError, TrainingError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except Exception as e:  # data errors and friends carry a one-line message too
