@@ -22,10 +22,24 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
         "tqdm",
+        # The Hugging Face export (tools/export_hf.py) and the exported model's code; pinned:
+        # the modeling code follows transformers' cache and generation interfaces, which move
+        # between releases. protobuf: reading a SentencePiece model to build its tokenizer.json.
+        "transformers==5.24.0",
+        "safetensors==0.8.0",
+        "protobuf>=4",
     ],
     extras_require={
         # ruff pinned: its formatter's output changes between releases, and CI checks it
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib", "psutil", "ruff==0.17.6"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "matplotlib",
+            "psutil",
+            "ruff==0.17.6",
+            # evaluation of exported models (tests/test_lm_eval.py); [hf] brings accelerate
+            "lm_eval[hf]==0.4.13",
+        ],
         # Transformer Engine needs CUDA and a matching toolkit; it is imported lazily and
         # only when FP8 is asked for.
         "fp8": ["transformer-engine[pytorch]"],

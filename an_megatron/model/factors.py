@@ -153,16 +153,24 @@ def nu_att_gaussian(visible_keys: torch.Tensor, variance: torch.Tensor) -> torch
     ``visible_keys`` ``(..., T)`` integers (at most 2^20), ``variance`` ``(heads,)``;
     returns ``(..., T, heads)``.
     """
-    table = _log_sum_sq_table(variance.device)
-
-    def lerp_index(pos: torch.Tensor, size: int):
-        lo = pos.floor().long().clamp(0, size - 2)
-        return lo, (pos - lo).clamp(0, 1)
-
-    i, f = lerp_index(variance.float().clamp_min(0).sqrt() * ((SIGMA_POINTS - 1) / SIGMA_MAX), SIGMA_POINTS)
-    per_head = torch.lerp(table[i], table[i + 1], f[:, None]).T  # (K, heads)
-    j, g = lerp_index(visible_keys.float().log() * ((KEY_POINTS - 1) / math.log(KEYS_MAX)), KEY_POINTS)
+    per_head = nu_att_gaussian_grid(variance)  # (K, heads)
+    j, g = _lerp_index(visible_keys.float().log() * ((KEY_POINTS - 1) / math.log(KEYS_MAX)), KEY_POINTS)
     return torch.exp(-0.5 * torch.lerp(per_head[j], per_head[j + 1], g[..., None])).to(variance.dtype)
+
+
+def _lerp_index(pos: torch.Tensor, size: int):
+    lo = pos.floor().long().clamp(0, size - 2)
+    return lo, (pos - lo).clamp(0, 1)
+
+
+def nu_att_gaussian_grid(variance: torch.Tensor) -> torch.Tensor:
+    """``log E[sum_j a_j^2]`` per head at the ``KEY_POINTS`` log-spaced key counts ``1..KEYS_MAX``,
+    ``(KEY_POINTS, heads)``: the table interpolated at each head's logit ``variance`` ``(heads,)``.
+    ``nu_att_gaussian`` finishes the interpolation over ``log t``; the Hugging Face export ships
+    this grid, since it depends only on the (then fixed) ``s_qk``."""
+    table = _log_sum_sq_table(variance.device)
+    i, f = _lerp_index(variance.float().clamp_min(0).sqrt() * ((SIGMA_POINTS - 1) / SIGMA_MAX), SIGMA_POINTS)
+    return torch.lerp(table[i], table[i + 1], f[:, None]).T
 
 
 def nu_att_exact(logits_lse: torch.Tensor, logits_lse2: torch.Tensor) -> torch.Tensor:
