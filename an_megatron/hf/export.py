@@ -156,19 +156,18 @@ TOKENIZER_FIELDS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_fi
 
 
 def recorded_tokenizer(load: str) -> dict:
-    """The tokenizer settings a training checkpoint recorded (the run's arguments, saved with
-    DeepSpeed's client state in ``mp_rank_00_model_states.pt``); ``{}`` for a consolidated file."""
+    """The tokenizer settings a training checkpoint recorded (the run's settings in its
+    ``an_megatron.json``); ``{}`` for a consolidated file or a checkpoint without them."""
     if not os.path.isdir(load):
         return {}
     from an_megatron.training.checkpointing import CheckpointError, read_checkpoint_meta
-    from an_megatron.training.convert import _ds_state_file, _load
 
     try:
-        tag, _ = read_checkpoint_meta(load)
-        args = _load(_ds_state_file(os.path.join(load, tag))).get("args") or {}
-    except (CheckpointError, RuntimeError):
+        _, meta = read_checkpoint_meta(load)
+    except CheckpointError:
         return {}
-    return {k: args[k] for k in TOKENIZER_FIELDS if args.get(k) is not None}
+    run = meta.get("run") or {}
+    return {k: run[k] for k in TOKENIZER_FIELDS if run.get(k) is not None}
 
 
 def _build_tokenizer(settings: dict):

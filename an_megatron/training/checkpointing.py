@@ -257,6 +257,7 @@ def save_checkpoint(
             consumed_samples=consumed_samples,
             model_config=config.to_dict(),
             pipeline_model_parallel_size=run.pipeline_model_parallel_size,
+            run=run.as_record(),  # the run's settings (tokenizer, schedule, ...): read by the HF export
         )
         _write_atomic(os.path.join(save_dir, temp_tag, META), json.dumps(meta, indent=1))
         publish(save_dir, temp_tag, tag)
