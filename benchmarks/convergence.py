@@ -178,9 +178,9 @@ class Runner:
     """Starts training runs (``jobs`` at a time, each with ``2 / jobs`` threads), skipping any
     whose metrics already hold its final evaluation, so an interrupted benchmark resumes."""
 
-    def __init__(self, out, cfg, tok, data, jobs=1, summarize_only=False, full_validation=True):
+    def __init__(self, out, cfg, tok, data, jobs=1, summarize_only=False):
         self.out, self.cfg, self.tok, self.data = out, cfg, tok, data
-        self.jobs, self.summarize_only, self.full_validation = jobs, summarize_only, full_validation
+        self.jobs, self.summarize_only = jobs, summarize_only
 
     def command(self, arch, lr, seed, metrics, iters, extra):
         c = self.cfg
@@ -216,7 +216,7 @@ class Runner:
             str(c["eval_interval"]),
             "--eval-iters",
             str(c["eval_iters"]),
-            *(["--full-validation"] if self.full_validation else []),
+            *(["--full-validation"] if c["full_validation"] else []),
             "--log-interval",
             str(max(1, c["eval_interval"] // 5)),
             "--metrics-file",
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     tok, data = prepare_data(args.out, cfg, args.corpus)
-    runner = Runner(args.out, cfg, tok, data, args.jobs, args.summarize_only, not args.no_full_validation)
+    runner = Runner(args.out, cfg, tok, data, args.jobs, args.summarize_only)
 
     # 1. the learning-rate sweep, extended until each best rate is bracketed
     sweep_lrs = {a: lrs[a] for a in archs if lrs[a]}

@@ -22,6 +22,7 @@ from an_megatron.optim.schedules import learning_rate
 from an_megatron.parallel import groups
 from an_megatron.training.arguments import ConfigError, config_error, parse_args
 from an_megatron.training.checkpointing import (
+    LATEST,
     CheckpointError,
     SaveLock,
     existing_checkpoints,
@@ -413,6 +414,11 @@ class Trainer:
         print_rank0(f"\n--- sample ---\n{self.tokenizer.detokenize(out)}\n--------------")
 
 
+def _some(names: list[str]) -> str:
+    """The first few of ``names``, for a one-line message."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def guard_save_dir(cfg: TrainConfig) -> SaveLock | None:
     """Global rank 0: lock ``--save``, refuse a fresh run into a directory holding checkpoints
     (unless --overwrite-save), remove leftovers of crashed saves. Every rank gets the verdict, so
@@ -425,19 +431,17 @@ def guard_save_dir(cfg: TrainConfig) -> SaveLock | None:
             for note in lock.notes:
                 print(note, flush=True)
             found = existing_checkpoints(cfg.save)
-            same_dir = cfg.load and os.path.realpath(cfg.load) == os.path.realpath(cfg.save)
-            later = [n for n in found if n != "latest" and cfg.ckpt_step is not None and int(n[5:]) > cfg.ckpt_step]
-            if same_dir and later:
-                raise CheckpointError(
-                    f"--ckpt-step {cfg.ckpt_step} with --save equal to --load {cfg.load}: the run would replace its "
-                    f"later checkpoints ({', '.join(later[:3])}{', ...' if len(later) > 3 else ''}): branch into "
-                    f"another --save"
-                )
+            if cfg.ckpt_step is not None and os.path.realpath(cfg.load) == os.path.realpath(cfg.save):
+                later = [n for n in found if n != LATEST and n > tag_for(cfg.ckpt_step)]  # tags are zero-padded
+                if later:
+                    raise CheckpointError(
+                        f"--ckpt-step {cfg.ckpt_step} with --save equal to --load {cfg.load}: the run would replace "
+                        f"its later checkpoints ({_some(later)}): branch into another --save"
+                    )
             if not cfg.load and found and not cfg.overwrite_save:
                 raise CheckpointError(
-                    f"--save {cfg.save} already holds checkpoints ({', '.join(found[:3])}"
-                    f"{', ...' if len(found) > 3 else ''}) and this run has no --load: resume with --load "
-                    f"{cfg.save}, choose another --save, or pass --overwrite-save"
+                    f"--save {cfg.save} already holds checkpoints ({_some(found)}) and this run has no --load: "
+                    f"resume with --load {cfg.save}, choose another --save, or pass --overwrite-save"
                 )
             removed = remove_leftovers(cfg.save)
             if removed:
