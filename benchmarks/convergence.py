@@ -265,10 +265,12 @@ def wsd_plan(iters: int) -> list[tuple[int, int]]:
     return [(b, b - max(1, round(b * WSD_COOLDOWN_FRACTION))) for b in budgets]
 
 
-def run_wsd(runner: Runner, points: list[tuple[str, float, int]]) -> dict[tuple[str, int], dict[int, str | None]]:
+def run_wsd(
+    runner: Runner, points: list[tuple[str, float, int]]
+) -> dict[tuple[str, float, int], dict[int, str | None]]:
     """For each (arch, lr, seed): one constant-rate run saving at every branch point, then a
     linear cool-down branched from each (``--load --ckpt-step``: weights, optimizer state and
-    data position of that step). Returns {(arch, seed): {budget: metrics}}."""
+    data position of that step). Returns {(arch, lr, seed): {budget: metrics}}."""
     plan = wsd_plan(runner.cfg["iters"])
     branch_points = [k for _, k in plan]
     stables, branches, names = [], [], {}
@@ -289,7 +291,7 @@ def run_wsd(runner: Runner, points: list[tuple[str, float, int]]) -> dict[tuple[
         )
         for budget, k in plan:
             name = run_name(arch, lr, seed=seed, part=f"wsd{budget}")
-            names[(arch, seed, budget)] = name
+            names[(arch, lr, seed, budget)] = name
             cooldown = [
                 "--lr-decay-style",
                 "wsd",
@@ -310,10 +312,22 @@ def run_wsd(runner: Runner, points: list[tuple[str, float, int]]) -> dict[tuple[
             )
     runner.run(stables)
     paths = runner.run(branches)
-    out: dict[tuple[str, int], dict[int, str | None]] = {}
-    for (arch, seed, budget), name in names.items():
-        out.setdefault((arch, seed), {})[budget] = paths[name]
+    out: dict[tuple[str, float, int], dict[int, str | None]] = {}
+    for (arch, lr, seed, budget), name in names.items():
+        out.setdefault((arch, lr, seed), {})[budget] = paths[name]
     return out
+
+
+def wsd_points(best: dict[str, float], factors: list[float], seeds: list[int]) -> list[tuple[str, float, int]]:
+    """(arch, lr, seed) of the WSD runs: every seed at each architecture's cosine-best rate,
+    the first seed at the other rates ``best * factor`` (WSD's best rate need not be cosine's:
+    the rate stays at its peak for 80% of the steps)."""
+    return [
+        (a, best[a] * f, s)
+        for a in best
+        for f in sorted(set(factors) | {1.0})
+        for s in (seeds if f == 1.0 else seeds[:1])
+    ]
 
 
 def final_val(metrics_path: str | None) -> float:
@@ -372,19 +386,32 @@ def summarize(cfg, sweep: dict, seed_runs: dict, wsd: dict, ablations: dict) -> 
                 )
             summary["seeds"][a] = entry
     if wsd:
-        by_arch: dict[str, dict[int, list[float]]] = {}
-        for (a, _seed), budgets in wsd.items():
+        # mean final loss over seeds per (arch, lr, budget); each budget takes the best rate
+        by_rate: dict[str, dict[float, dict[int, list[float]]]] = {}
+        for (a, lr, _seed), budgets in wsd.items():
             for budget, p in budgets.items():
                 if p:
-                    by_arch.setdefault(a, {}).setdefault(budget, []).append(final_val(p))
-        means = {a: {b: statistics.fmean(v) for b, v in sorted(bs.items())} for a, bs in by_arch.items()}
+                    by_rate.setdefault(a, {}).setdefault(lr, {}).setdefault(budget, []).append(final_val(p))
         full = cfg["iters"]
-        target = means.get("gptplus", {}).get(full)
-        for a, m in means.items():
+        envelope: dict[str, dict[int, tuple[float, float, int]]] = {}  # arch: {budget: (loss, lr, runs)}
+        for a, rates in by_rate.items():
+            for lr, bs in rates.items():
+                for b, v in bs.items():
+                    m = statistics.fmean(v)
+                    if b not in envelope.setdefault(a, {}) or m < envelope[a][b][0]:
+                        envelope[a][b] = (m, lr, len(v))
+        target = envelope.get("gptplus", {}).get(full, (None,))[0]
+        for a, env in envelope.items():
+            m = {b: env[b][0] for b in sorted(env)}
             steps = budget_to_reach(list(m.items()), target) if target is not None else None
             summary["wsd"][a] = dict(
                 final_val_loss={str(b): v for b, v in m.items()},
-                runs_per_budget={str(b): len(v) for b, v in sorted(by_arch[a].items())},
+                best_lr_per_budget={str(b): env[b][1] for b in sorted(env)},
+                runs_per_budget={str(b): env[b][2] for b in sorted(env)},
+                by_lr={
+                    f"{lr:g}": {str(b): statistics.fmean(v) for b, v in sorted(bs.items())}
+                    for lr, bs in sorted(by_rate[a].items())
+                },
                 steps_to_gptplus_final=steps,
                 speedup_vs_gptplus=None if steps is None else full / steps,
                 speedup_is_lower_bound=steps is not None and steps <= min(m),
@@ -451,19 +478,34 @@ def markdown(summary: dict) -> str:
         lines += [
             "",
             "Warmup-stable-decay: final validation loss after a cool-down over the last 20% of each budget, branched "
-            "from one constant-rate run (mean over seeds); steps to reach GPT+'s loss at the full budget, "
-            "interpolated in log(steps):",
+            "from one constant-rate run (mean over seeds), at the best rate tried for that budget (in brackets); "
+            "steps to reach GPT+'s loss at the full budget, interpolated in log(steps):",
             "",
             "| arch | " + " | ".join(f"{b} steps" for b in budgets) + " | steps to GPT+'s final | speedup vs GPT+ |",
             "| --- |" + " --- |" * (len(budgets) + 2),
         ]
         for a, e in summary["wsd"].items():
-            cells = [f(e["final_val_loss"].get(str(b))) for b in budgets]
+            lr_at = e.get("best_lr_per_budget", {})
+            cells = [
+                f(e["final_val_loss"].get(str(b))) + (f" ({lr_at[str(b)]:g})" if str(b) in lr_at else "")
+                for b in budgets
+            ]
             bound = "<= " if e["speedup_is_lower_bound"] else ""
             speed = (">= " if e["speedup_is_lower_bound"] else "") + f(e["speedup_vs_gptplus"], ".2f")
             lines.append(
                 f"| {a} | " + " | ".join(cells) + f" | {bound}{f(e['steps_to_gptplus_final'], '.0f')} | {speed} |"
             )
+        if any(len(e.get("by_lr", {})) > 1 for e in summary["wsd"].values()):
+            lines += [
+                "",
+                "Warmup-stable-decay by learning rate (final validation loss per budget):",
+                "",
+                "| arch | lr | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+                "| --- | --- |" + " --- |" * len(budgets),
+            ]
+            for a, e in summary["wsd"].items():
+                for lr, losses in e.get("by_lr", {}).items():
+                    lines.append(f"| {a} | {lr} | " + " | ".join(f(losses.get(str(b))) for b in budgets) + " |")
     if summary["ablations"]:
         lines += [
             "",
@@ -508,6 +550,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds at each architecture's best learning rate")
     p.add_argument("--wsd", action="store_true", help="WSD cool-downs at 25/50/100%% of the steps, per seed")
     p.add_argument("--wsd-seeds", type=int, default=None, help="seeds for --wsd (default: --seeds)")
+    p.add_argument(
+        "--wsd-lr-factors",
+        type=float,
+        nargs="*",
+        default=[1.0],
+        metavar="F",
+        help="WSD also at each architecture's cosine-best rate times F (first seed only); each budget "
+        "reports the best rate tried",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with 2 / jobs threads)")
     p.add_argument(
         "--no-full-validation",
@@ -581,8 +632,8 @@ def main(argv=None) -> int:
     wsd = {}
     if args.wsd:
         wsd_seeds = seeds[: args.wsd_seeds] if args.wsd_seeds else seeds
-        print(f"WSD at {best}, seeds {wsd_seeds}: budgets {wsd_plan(cfg['iters'])}", flush=True)
-        wsd = run_wsd(runner, [(a, best[a], s) for a in best for s in wsd_seeds])
+        print(f"WSD at {best} x {args.wsd_lr_factors}, seeds {wsd_seeds}: budgets {wsd_plan(cfg['iters'])}", flush=True)
+        wsd = run_wsd(runner, wsd_points(best, args.wsd_lr_factors, wsd_seeds))
 
     # 4. anGPT's ablations at its best rate
     ablations = {}

@@ -72,6 +72,58 @@ def test_read_metrics_names_a_bad_line(tmp_path):
         read_metrics(str(path))
 
 
+def _metrics_file(path, val_losses: dict[int, float]) -> str:
+    """A metrics JSONL with one train record per evaluation and the given validation losses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    for it, loss in sorted(val_losses.items()):
+        records.append({"iteration": it, "lm_loss": loss, "step_time_s": 0.1})
+        records.append({"iteration": it, "val_loss": loss})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_wsd_rate_sweep_reports_the_best_rate_per_budget(tmp_path):
+    import convergence
+
+    # every seed at the cosine-best rate, the first seed at the others
+    points = convergence.wsd_points({"angpt": 0.024}, [0.5, 2.0], [1234, 1235])
+    assert points == [("angpt", 0.012, 1234), ("angpt", 0.024, 1234), ("angpt", 0.024, 1235), ("angpt", 0.048, 1234)]
+
+    def run(name, losses):
+        return _metrics_file(tmp_path / name / "metrics.jsonl", losses)
+
+    sweep = {"gptplus": {0.003: run("g", {400: 4.2})}, "angpt": {0.024: run("a", {400: 4.1})}}
+    seed_runs = {a: {1234: next(iter(r.values()))} for a, r in sweep.items()}
+    wsd = {
+        ("gptplus", 0.003, 1234): {
+            100: run("g100", {100: 4.8}),
+            200: run("g200", {200: 4.5}),
+            400: run("g400", {400: 4.2}),
+        },
+        # the cosine-best rate wins the short budget, half of it the long ones
+        ("angpt", 0.024, 1234): {
+            100: run("a100", {100: 4.6}),
+            200: run("a200", {200: 4.5}),
+            400: run("a400", {400: 4.3}),
+        },
+        ("angpt", 0.012, 1234): {
+            100: run("b100", {100: 4.7}),
+            200: run("b200", {200: 4.3}),
+            400: run("b400", {400: 4.0}),
+        },
+    }
+    summary = convergence.summarize(dict(iters=400), sweep, seed_runs, wsd, {})
+    e = summary["wsd"]["angpt"]
+    assert e["final_val_loss"] == {"100": 4.6, "200": 4.3, "400": 4.0}
+    assert e["best_lr_per_budget"] == {"100": 0.024, "200": 0.012, "400": 0.012}
+    assert e["by_lr"]["0.012"]["100"] == 4.7
+    # GPT+'s 4.2 at 400 steps is reached a third of the way from 200 to 400 steps (4.3 -> 4.0), in log(steps)
+    assert e["steps_to_gptplus_final"] == pytest.approx(math.exp(math.log(200) + math.log(2) / 3))
+    md = convergence.markdown(summary)
+    assert "| angpt | 0.012 | 4.7000 | 4.3000 | 4.0000 |" in md and "4.0000 (0.012)" in md
+
+
 @pytest.mark.timeout(600)
 def test_convergence_smoke_run_and_plot(tmp_path):
     """Every stage on tiny runs: sweep, one bracketing round, a second seed, WSD cool-downs."""
