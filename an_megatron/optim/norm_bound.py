@@ -9,9 +9,10 @@ by a function of its norm", so one mechanism serves both, in three settings:
 * tensor-parallel: a row-parallel weight splits each row over the TP group, so the squared
   norm is the sum of the ranks' partial sums (``NormConstraint.tp_split``);
 * ZeRO: the fp32 masters are flat partitions over the data-parallel group, and a partition can
-  begin or end mid-row. ``constrain_fragments_`` takes any flat fragment of a parameter, sums
-  squares per vector locally, all-reduces the sums over the DP group (and the TP group for
-  split rows), then each rank scales only its own fragment.
+  begin or end mid-row. ``constrain_fragments_`` takes any flat fragment of a parameter: rows
+  it holds whole are bounded at once; for the vectors split between ranks it sums squares
+  locally, all-reduces the sums over the DP group (and the TP group for split rows), then each
+  rank scales only its own elements.
 
 Element ``k`` of a row-major ``(R, C)`` matrix belongs to row ``k // C`` (``dim=1``, norms
 along the input dimension) and column ``k % C`` (``dim=0``); a fragment is handled as at most a
@@ -74,8 +75,19 @@ def _pieces(fragment: torch.Tensor, start: int, cols: int):
         yield flat[pos:], (start + pos) // cols, 0
 
 
-def partial_sq_norms(fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int) -> torch.Tensor:
-    """Per-vector sums of squares over the elements this fragment holds (zeros elsewhere), fp32.
+def _held_whole(constraint: NormConstraint) -> bool:
+    """Whether a block of whole rows in a fragment holds its vectors' every element on this rank:
+    rows (``dim=1``) not split over tensor-parallel ranks. Columns gather elements from every row,
+    so they are never held whole by a fragment that is not the whole weight."""
+    return constraint.dim == 1 and not constraint.tp_split
+
+
+def partial_sq_norms(
+    fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int, skip_whole_rows: bool = False
+) -> torch.Tensor:
+    """Per-vector sums of squares over the elements this fragment holds (zeros elsewhere), fp32;
+    with ``skip_whole_rows``, over its partial first and last rows only (``bound_whole_rows_``
+    handles the rest without any communication).
 
     Norms along rows go through ``vector_norm``: one read of the rows at memory speed, where
     ``pow(2).sum(1)`` writes and reads a squared copy (about 4x slower on a CPU core). Along
@@ -83,6 +95,8 @@ def partial_sq_norms(fragment: torch.Tensor, start: int, shape: Sequence[int], d
     out = torch.zeros(num_vectors(shape, dim), dtype=torch.float32, device=fragment.device)
     for piece, row, col in _pieces(fragment.detach(), start, shape[1]):
         if dim == 1:
+            if skip_whole_rows and piece.dim() == 2:
+                continue
             rows = piece if piece.dim() == 2 else piece[None]
             out[row : row + rows.shape[0]] += torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
         elif piece.dim() == 2:
@@ -101,16 +115,29 @@ def norm_scales(sq_norms: torch.Tensor, mode: str, max_norm: float = 1.0) -> tor
     return max_norm / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def apply_scales_(fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int, scales: torch.Tensor) -> None:
-    """Multiply each element of the flat fragment by its vector's scale, in place."""
+def apply_scales_(
+    fragment: torch.Tensor, start: int, shape: Sequence[int], dim: int, scales: torch.Tensor, skip_whole_rows=False
+) -> None:
+    """Multiply each element of the flat fragment by its vector's scale, in place (with
+    ``skip_whole_rows``, only the elements of its partial first and last rows)."""
     scales = scales.to(fragment.dtype)
     for piece, row, col in _pieces(fragment, start, shape[1]):
         if piece.dim() == 2:
-            piece.mul_(scales[row : row + piece.shape[0], None] if dim == 1 else scales[None, :])
+            if not skip_whole_rows:
+                piece.mul_(scales[row : row + piece.shape[0], None] if dim == 1 else scales[None, :])
         elif dim == 1:
             piece.mul_(scales[row])
         else:
             piece.mul_(scales[col : col + piece.numel()])
+
+
+def bound_whole_rows_(fragment: torch.Tensor, start: int, shape: Sequence[int], constraint: NormConstraint) -> None:
+    """Constrain the block of whole rows of a fragment in place: their norms are complete here,
+    so no rank's sums are needed (the same arithmetic as the all-reduced path)."""
+    for piece, _row, _col in _pieces(fragment, start, shape[1]):
+        if piece.dim() == 2:
+            sq = torch.linalg.vector_norm(piece, dim=1, dtype=torch.float32).square()
+            piece.mul_(norm_scales(sq, constraint.mode, constraint.max_norm).to(piece.dtype)[:, None])
 
 
 @dataclass
@@ -132,14 +159,28 @@ def constrain_fragments_(
     a weight passes an empty tensor), so the sums line up in one flat buffer: one all-reduce
     over ``dp_group`` when the weights are partitioned over data-parallel ranks (ZeRO), and one
     over ``tp_group`` for the weights whose vectors are split over tensor-parallel ranks.
+
+    Only the vectors no rank holds whole need those sums: under ZeRO a partition boundary splits
+    at most one row of a weight. So the buffer carries the partial rows (and columns, and rows
+    split over TP), its all-reduce runs in the background, and meanwhile each rank bounds the
+    rows it holds whole: nearly all of the work, and none of it waits for the other ranks.
     """
     if not fragments:
         return
-    partials = [partial_sq_norms(f.tensor, f.start, f.shape, f.constraint.dim) for f in fragments]
+    reduce_dp = dp_partitioned and dp_group is not None and dist.get_world_size(dp_group) > 1
+    skip = [_held_whole(f.constraint) for f in fragments]
+    partials = [
+        partial_sq_norms(f.tensor, f.start, f.shape, f.constraint.dim, skip_whole_rows=k)
+        for f, k in zip(fragments, skip)
+    ]
     sizes = [p.numel() for p in partials]
     flat = torch.cat(partials)
-    if dp_partitioned and dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(flat, group=dp_group)
+    pending = dist.all_reduce(flat, group=dp_group, async_op=True) if reduce_dp else None
+    for f, k in zip(fragments, skip):
+        if k:
+            bound_whole_rows_(f.tensor, f.start, f.shape, f.constraint)
+    if pending is not None:
+        pending.wait()
     split = [i for i, f in enumerate(fragments) if f.constraint.tp_split]
     sq = list(flat.split(sizes))
     if split and tp_group is not None and dist.get_world_size(tp_group) > 1:
@@ -147,9 +188,9 @@ def constrain_fragments_(
         dist.all_reduce(tp_flat, group=tp_group)
         for i, part in zip(split, tp_flat.split([sizes[i] for i in split])):
             sq[i] = part
-    for f, s in zip(fragments, sq):
+    for f, s, k in zip(fragments, sq, skip):
         c = f.constraint
-        apply_scales_(f.tensor, f.start, f.shape, c.dim, norm_scales(s, c.mode, c.max_norm))
+        apply_scales_(f.tensor, f.start, f.shape, c.dim, norm_scales(s, c.mode, c.max_norm), skip_whole_rows=k)
 
 
 def constrained_parameters(params: Iterable[torch.nn.Parameter]):
