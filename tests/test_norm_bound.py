@@ -92,26 +92,38 @@ def test_row_parallel_rows_use_the_whole_norm():
     assert whole[1].norm().item() == pytest.approx(0.6 * 2**0.5, abs=1e-6)  # untouched
 
 
-def _dp_partitioned_fragments(dim):
+def _weight_with_rows_on_both_sides_of_one():
+    torch.manual_seed(0)
+    w = torch.randn(5, 6) * 0.45  # row norms about 1.1: some above the bound, some below
+    assert (w.norm(dim=1) > 1).any() and (w.norm(dim=1) < 1).any()
+    return w
+
+
+def _dp_partitioned_fragments(mode, dim):
     """Each of 2 ranks holds half of the flat weight (ZeRO-style, the cut mid-row)."""
     from an_megatron.parallel import dp_group, dp_rank, initialize_parallel
 
     initialize_parallel(1, 1)
-    torch.manual_seed(0)
-    w = torch.randn(5, 6)
-    cut = 13
+    w = _weight_with_rows_on_both_sides_of_one()
+    cut = 13  # rank 0: rows 0-1 whole and 1 element of row 2; rank 1: the rest of row 2, rows 3-4
     start, piece = (0, w.view(-1)[:cut].clone()) if dp_rank() == 0 else (cut, w.view(-1)[cut:].clone())
     constrain_fragments_(
-        [Fragment(piece, start, (5, 6), NormConstraint("normalize", dim=dim))], dp_group=dp_group(), dp_partitioned=True
+        [Fragment(piece, start, (5, 6), NormConstraint(mode, dim=dim))], dp_group=dp_group(), dp_partitioned=True
     )
     return start, piece
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("dim", [0, 1])
-def test_dp_partitioned_fragments_match_dense(dim):
-    (s0, p0), (s1, p1) = run_distributed(_dp_partitioned_fragments, 2, dim)
+@pytest.mark.parametrize("mode, dim", [("normalize", 0), ("normalize", 1), ("bound", 1)])
+def test_dp_partitioned_fragments_match_dense(mode, dim):
+    (s0, p0), (s1, p1) = run_distributed(_dp_partitioned_fragments, 2, mode, dim)
     got = torch.cat([p0, p1]).view(5, 6)
-    torch.manual_seed(0)
-    expected = normalize_norms_(torch.randn(5, 6), dim=dim)
+    w = _weight_with_rows_on_both_sides_of_one()
+    norms = w.norm(dim=dim, keepdim=True)
+    expected = w / (norms.clamp_min(1.0) if mode == "bound" else norms)
     torch.testing.assert_close(got, expected)
+    if dim == 1:  # rows held whole by one rank: the same arithmetic as in one process
+        dense = w.clone()
+        constrain_fragments_([Fragment(dense, 0, (5, 6), NormConstraint(mode, dim=dim))])
+        whole = [0, 1, 3, 4]
+        assert torch.equal(got[whole], dense[whole])
