@@ -128,7 +128,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding, rotate-half convention, on ``(B, H, T, d_h)`` at ``positions (B, T)``."""
     dh = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh)
+    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float32, device=x.device) / dh)
     angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, d_h / 2): same for all heads
     angles = torch.cat([angles, angles], dim=-1).to(x.dtype)
     x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
@@ -187,12 +187,12 @@ def reference_forward(
         return effective_scale(config, kind, w[name])
 
     # Which keys each query sees: causal, and within its document. (B, 1, T, T), all heads.
-    visible = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
+    visible = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril().expand(B, T, T)
     if document_ids is not None:
         visible = visible & (document_ids[:, :, None] == document_ids[:, None, :])
     visible = visible[:, None]
     t = visible.sum(-1, keepdim=True)  # (B, 1, T, 1): the 1-based position t = visible keys
-    positions = torch.arange(T).expand(B, T) if position_ids is None else position_ids
+    positions = torch.arange(T, device=tokens.device).expand(B, T) if position_ids is None else position_ids
 
     def heads(x):  # (B, T, d) -> (B, H, T, d_h)
         return x.view(B, T, H, dh).transpose(1, 2)

@@ -201,7 +201,7 @@ def test_indices_built_by_rank0_and_loaded_by_the_others(corpora, tmp_path):
     _, tokenizer_args, (a, b) = corpora
     cache = str(tmp_path / "cache")
     (seen0, samples0), (seen1, samples1) = run_distributed(
-        _build_on_two_ranks, 2, ["1", a, "2", b], tokenizer_args, cache, timeout=150
+        _build_on_two_ranks, 2, ["1", a, "2", b], tokenizer_args, cache, timeout=150, device="cpu"
     )
     # megatron-core builds each dataset on rank 0, then a barrier, then on the other ranks:
     assert seen0[0] == []  # rank 0 started on an empty cache,

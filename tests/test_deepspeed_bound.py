@@ -9,7 +9,7 @@ file section share one spawn: starting a process that imports DeepSpeed takes ~1
 
 import pytest
 import torch
-from distributed import full_named_tensors, run_distributed
+from distributed import FP32_RTOL, current_device, full_named_tensors, run_distributed
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
 GLOBAL_BATCH, STEPS, PUSH = 4, 5, 1.5
@@ -38,12 +38,13 @@ def _tiny_lm(arch, tp):
         for p in model.parameters():
             if p.ndim == 2:
                 p.mul_(PUSH)
-    return model
+    return model.to(current_device())
 
 
 def _batches():
     gen = torch.Generator().manual_seed(1)
-    return torch.randint(0, SHAPE["vocab_size"], (STEPS, GLOBAL_BATCH, SHAPE["seq_length"] + 1), generator=gen)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (STEPS, GLOBAL_BATCH, SHAPE["seq_length"] + 1), generator=gen)
+    return tokens.to(current_device())
 
 
 def _adam(params):
@@ -202,7 +203,9 @@ def dp2_fp32(tmp_path_factory):
 
 
 def _assert_close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        a, b, rtol=FP32_RTOL, atol=FP32_RTOL * b.abs().max().item(), msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _assert_matches_reference(ranks, key, ref):

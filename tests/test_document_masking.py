@@ -3,6 +3,7 @@ as if each were alone, with Megatron's document boundaries."""
 
 import pytest
 import torch
+from distributed import FP32_RTOL
 
 from an_megatron.data import document_ids
 from an_megatron.model import GPTModel, ModelConfig
@@ -32,13 +33,14 @@ def test_document_ids_match_megatron_masks_and_positions():
     assert torch.equal(visible_keys(docs, 64, docs.device)[0] - 1, positions)
 
 
-def _packed_and_alone(arch, nu_att):
+def _packed_and_alone(arch, nu_att, device):
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(arch=arch, nu_att=nu_att, **SMALL))
+    model = GPTModel(ModelConfig(arch=arch, nu_att=nu_att, **SMALL)).to(device)
     gen = torch.Generator().manual_seed(1)
     first = torch.randint(1, 128, (15,), generator=gen)
     first[-1] = EOD
     second = torch.randint(1, 128, (9,), generator=gen)
+    first, second = first.to(device), second.to(device)
     packed = torch.cat([first, second])[None]
     docs = document_ids(packed, EOD)
     positions = visible_keys(docs, packed.shape[1], packed.device) - 1
@@ -50,22 +52,22 @@ def _packed_and_alone(arch, nu_att):
 
 
 @pytest.mark.parametrize("arch,nu_att", VARIANTS)
-def test_packed_documents_equal_documents_alone(single_process, arch, nu_att):
-    together, unmasked, alone = _packed_and_alone(arch, nu_att)
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+def test_packed_documents_equal_documents_alone(single_process, device, arch, nu_att):
+    together, unmasked, alone = _packed_and_alone(arch, nu_att, device)
+    torch.testing.assert_close(together, alone, rtol=FP32_RTOL, atol=FP32_RTOL)
     # without the masks, the second document sees the first: other logits
     assert not torch.allclose(unmasked[15:], alone[15:], atol=1e-3)
 
 
-def test_packed_loss_equals_per_document_losses(single_process):
+def test_packed_loss_equals_per_document_losses(single_process, device):
     """The mean loss over a packed sequence is the token-weighted mean of each document's own."""
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(arch="angpt", **SMALL))
+    model = GPTModel(ModelConfig(arch="angpt", **SMALL)).to(device)
     gen = torch.Generator().manual_seed(2)
     docs_tokens = [torch.randint(1, 128, (n + 1,), generator=gen) for n in (10, 14)]
     for d in docs_tokens:
         d[-1] = EOD
-    packed = torch.cat(docs_tokens)[None]
+    packed = torch.cat(docs_tokens)[None].to(device)
     inputs, labels = packed[:, :-1], packed[:, 1:]
     docs = document_ids(inputs, EOD)
     positions = visible_keys(docs, inputs.shape[1], inputs.device) - 1
@@ -74,7 +76,7 @@ def test_packed_loss_equals_per_document_losses(single_process):
         # document 1 alone: its 11 tokens predict the next 11 (the last label is document 2's first)
         first = model.loss(packed[:, :11], packed[:, 1:12])
         second = model.loss(packed[:, 11:-1], packed[:, 12:])
-    torch.testing.assert_close(loss, (11 * first + 14 * second) / 25, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, (11 * first + 14 * second) / 25, rtol=FP32_RTOL, atol=1e-6)
 
 
 @pytest.mark.gpu

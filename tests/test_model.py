@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import FP32_RTOL
 from torch import nn
 
 from an_megatron.model import GPTModel, ModelConfig
@@ -13,14 +14,14 @@ from an_megatron.optim import constrained_parameters
 SMALL = dict(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16)
 
 
-def test_ngpt_hidden_states_on_the_sphere(single_process):
+def test_ngpt_hidden_states_on_the_sphere(single_process, device):
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(arch="ngpt", **SMALL))
+    model = GPTModel(ModelConfig(arch="ngpt", **SMALL)).to(device)
     states = []
     for block in model.layers:
         for tap in (block.tap_h_attention, block.tap_h_mlp):
             tap.register_forward_hook(lambda m, i, o: states.append(o.norm(dim=-1)))
-    model(torch.randint(0, 128, (2, 16)))
+    model(torch.randint(0, 128, (2, 16)).to(device))
     assert len(states) == 2 * SMALL["num_layers"]
     for norms in states:
         torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
@@ -47,8 +48,8 @@ class ReferenceGPTPlus(nn.Module):
 
     def rope(self, x):  # (b, H, T, dh)
         T, dh = x.shape[2], x.shape[3]
-        inv = 10000.0 ** (-torch.arange(0, dh, 2).float() / dh)
-        ang = torch.outer(torch.arange(T).float(), inv)
+        inv = 10000.0 ** (-torch.arange(0, dh, 2, device=x.device).float() / dh)
+        ang = torch.outer(torch.arange(T, device=x.device).float(), inv)
         ang = torch.cat([ang, ang], -1)
         x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
         return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
@@ -63,14 +64,15 @@ class ReferenceGPTPlus(nn.Module):
             q = F.rms_norm(q, (self.dh,), eps=1e-6) * b.gq[:, None, :]
             k = F.rms_norm(k, (self.dh,), eps=1e-6) * b.gk[:, None, :]
             att = (q @ k.transpose(-1, -2)) / math.sqrt(self.dh)
-            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=att.device).triu(1)
+            att = att.masked_fill(causal, float("-inf")).softmax(-1)
             h = h + b.wo((att @ v).transpose(1, 2).reshape(B, T, self.d))
             x = b.n2(h)
             h = h + b.wd(b.wu(x) * F.silu(b.wz(x)))
         return self.out(self.norm(h))
 
 
-def test_gptplus_matches_plain_reference(single_process):
+def test_gptplus_matches_plain_reference(single_process, device):
     torch.manual_seed(0)
     cfg = ModelConfig(arch="gptplus", **SMALL)
     model = GPTModel(cfg)
@@ -92,20 +94,21 @@ def test_gptplus_matches_plain_reference(single_process):
             b.n1.weight.copy_(blk.attention_norm.weight), b.n2.weight.copy_(blk.mlp_norm.weight)
         ref.norm.weight.copy_(model.head.final_norm.weight)
         ref.out.weight.copy_(model.head.output.weight)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
-    torch.testing.assert_close(model(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
+    model.to(device), ref.to(device)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16)).to(device)
+    torch.testing.assert_close(model(tokens), ref(tokens), rtol=FP32_RTOL, atol=FP32_RTOL)
 
 
-def test_init_and_constraints(single_process):
+def test_init_and_constraints(single_process, device):
     torch.manual_seed(0)
     for arch in ("angpt", "ngpt"):
-        model = GPTModel(ModelConfig(arch=arch, **SMALL))
+        model = GPTModel(ModelConfig(arch=arch, **SMALL)).to(device)
         matrices = [p for p in model.parameters() if p.ndim == 2]
         assert constrained_parameters(model.parameters()) == matrices  # every matrix, nothing else
         for name, p in model.named_parameters():
             if p.ndim == 2:
                 dim = p.norm_constraint.dim
-                torch.testing.assert_close(p.norm(dim=dim), torch.ones(p.shape[1 - dim]), msg=name)
+                torch.testing.assert_close(p.norm(dim=dim), torch.ones(p.shape[1 - dim], device=device), msg=name)
                 is_output_embedding_dim = name.endswith(("proj.weight", "down.weight"))
                 expected = 0 if (arch == "ngpt" and is_output_embedding_dim) else 1
                 assert dim == expected, name
@@ -143,12 +146,12 @@ def test_config_errors_name_the_value(overrides, message):
 
 
 @pytest.mark.parametrize("nu_att", ["gaussian", "exact", "dense", "none"])
-def test_bf16_model_runs_in_bf16(single_process, nu_att):
+def test_bf16_model_runs_in_bf16(single_process, device, nu_att):
     """The attention factors are computed in fp32 but must not turn bf16 activations into fp32
     (the next matmul would see mixed dtypes), with or without document masking."""
-    model = GPTModel(ModelConfig(arch="angpt", nu_att=nu_att, **SMALL)).to(torch.bfloat16)
-    tokens = torch.randint(0, 128, (2, 16))
-    docs = (torch.arange(16) >= 9).long().expand(2, -1)
+    model = GPTModel(ModelConfig(arch="angpt", nu_att=nu_att, **SMALL)).to(device, torch.bfloat16)
+    tokens = torch.randint(0, 128, (2, 16)).to(device)
+    docs = (torch.arange(16) >= 9).long().expand(2, -1).to(device)
     for masking in ({}, dict(document_ids=docs)):
         logits = model(tokens, **masking)
         assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import current_device, device_type_for, run_distributed
 
 from an_megatron.optim.norm_bound import Fragment, NormConstraint, constrain_fragments_, partial_sq_norms
 
@@ -24,9 +24,9 @@ def normalize_norms_(weight: torch.Tensor, dim: int = 1, tp_group=None) -> torch
     return weight
 
 
-def test_bound_scales_long_rows_and_leaves_short_rows():
+def test_bound_scales_long_rows_and_leaves_short_rows(device):
     torch.manual_seed(0)
-    w = torch.randn(6, 10)
+    w = torch.randn(6, 10).to(device)
     w[0] *= 3.0 / w[0].norm()  # above 1
     w[1] *= 0.4 / w[1].norm()  # below 1
     w[2] *= 1.0 / w[2].norm()  # exactly 1
@@ -37,23 +37,23 @@ def test_bound_scales_long_rows_and_leaves_short_rows():
     torch.testing.assert_close(w[0], before[0] / 3.0)
     assert torch.equal(w[1], before[1])
     long_rows = before.norm(dim=1) > 1
-    torch.testing.assert_close(norms[long_rows], torch.ones(int(long_rows.sum())))
+    torch.testing.assert_close(norms[long_rows], torch.ones(int(long_rows.sum()), device=device))
     torch.testing.assert_close(w[~long_rows], before[~long_rows])
 
 
-def test_normalize_rows_and_columns():
+def test_normalize_rows_and_columns(device):
     torch.manual_seed(0)
-    w = torch.randn(5, 7) * 0.3
-    torch.testing.assert_close(normalize_norms_(w.clone(), dim=1).norm(dim=1), torch.ones(5))
-    torch.testing.assert_close(normalize_norms_(w.clone(), dim=0).norm(dim=0), torch.ones(7))
+    w = torch.randn(5, 7).to(device) * 0.3
+    torch.testing.assert_close(normalize_norms_(w.clone(), dim=1).norm(dim=1), torch.ones(5, device=device))
+    torch.testing.assert_close(normalize_norms_(w.clone(), dim=0).norm(dim=0), torch.ones(7, device=device))
 
 
 @pytest.mark.parametrize("dim", [0, 1])
-def test_fragments_cover_the_matrix_like_the_whole(dim):
+def test_fragments_cover_the_matrix_like_the_whole(dim, device):
     """Split a matrix into flat fragments that start and end mid-row; summing their partial
     norms (what the DP all-reduce does) and scaling each gives the dense result."""
     torch.manual_seed(0)
-    w = torch.randn(7, 9)
+    w = torch.randn(7, 9).to(device)
     c = NormConstraint("bound", dim=dim)
     dense = w.clone()
     constrain_fragments_([Fragment(dense, 0, tuple(w.shape), c)])
@@ -76,7 +76,7 @@ def _tp_row_parallel_bound():
     initialize_parallel(2, 1)
     # Two rows, each split in two halves (row-parallel): halves of norm 0.8 (whole 1.131)
     # and halves of norm 0.6 (whole 0.849: under the bound).
-    half = torch.zeros(2, 4)
+    half = torch.zeros(2, 4, device=current_device())
     half[0, tp_rank()] = 0.8
     half[1, 2 + tp_rank()] = 0.6
     bound_row_norms_(half, tp_group=tp_group())
@@ -104,7 +104,7 @@ def _dp_partitioned_fragments(mode, dim):
     from an_megatron.parallel import dp_group, dp_rank, initialize_parallel
 
     initialize_parallel(1, 1)
-    w = _weight_with_rows_on_both_sides_of_one()
+    w = _weight_with_rows_on_both_sides_of_one().to(current_device())
     cut = 13  # rank 0: rows 0-1 whole and 1 element of row 2; rank 1: the rest of row 2, rows 3-4
     start, piece = (0, w.view(-1)[:cut].clone()) if dp_rank() == 0 else (cut, w.view(-1)[cut:].clone())
     constrain_fragments_(
@@ -122,7 +122,7 @@ def test_dp_partitioned_fragments_match_dense(mode, dim):
     norms = w.norm(dim=dim, keepdim=True)
     expected = w / (norms.clamp_min(1.0) if mode == "bound" else norms)
     torch.testing.assert_close(got, expected)
-    if dim == 1:  # rows held whole by one rank: the same arithmetic as in one process
+    if dim == 1 and device_type_for(2) == "cpu":  # rows held whole by one rank: the same arithmetic as here
         dense = w.clone()
         constrain_fragments_([Fragment(dense, 0, (5, 6), NormConstraint(mode, dim=dim))])
         whole = [0, 1, 3, 4]

@@ -9,18 +9,19 @@ import os
 
 import pytest
 import torch
-from distributed import full_named_tensors, run_distributed
+from distributed import FP32_RTOL, current_device, full_named_tensors, run_distributed
 
 SHAPE = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256, seq_length=32)
 MICRO_BATCH_SIZE, MICRO_BATCHES, STEPS = 2, 2, 5
 
 
-def _micro_batches(documents=False):
+def _micro_batches(documents=False, device="cpu"):
     """GPTDataset-style dicts, ``STEPS * MICRO_BATCHES`` of them, with some tokens masked out
     (so a pipeline that dropped the loss mask would give other losses). With ``documents``,
     each sequence packs documents (token 0 ends one) and carries the document ids and the
     positions restarting at each, as training makes them with --reset-attention-mask and
-    --reset-position-ids."""
+    --reset-position-ids. Made on the CPU (the same numbers on every device), then moved to
+    ``device``."""
     from an_megatron.data import document_ids
 
     gen = torch.Generator().manual_seed(1)
@@ -40,7 +41,7 @@ def _micro_batches(documents=False):
                 .values
             )
             batch.update(document_ids=docs, position_ids=torch.arange(docs.shape[1]) - starts)
-        batches.append(batch)
+        batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
 
@@ -68,10 +69,10 @@ def _reference(arch, documents=False):
     from an_megatron.parallel import initialize_parallel, tp_group
 
     initialize_parallel(1, 1)
-    model = GPTModel(ModelConfig(arch=arch, **SHAPE))
+    model = GPTModel(ModelConfig(arch=arch, **SHAPE)).to(current_device())
     _push_past_bound_(model)
     opt = _adam(model.parameters())
-    batches, losses = iter(_micro_batches(documents)), []
+    batches, losses = iter(_micro_batches(documents, current_device())), []
     for _ in range(STEPS):
         opt.zero_grad()
         step_loss = 0.0
@@ -102,6 +103,7 @@ def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0, doc
     initialize_parallel(tp, pp)
     config = ModelConfig(arch=arch, tensor_model_parallel_size=tp, **SHAPE)
     module = build_pipeline_module(config, activation_checkpoint_interval=activation_checkpoint_interval)
+    module.to(current_device())
     _push_past_bound_(module)
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE,
@@ -111,7 +113,7 @@ def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0, doc
     }
     engine, *_ = deepspeed.initialize(model=module, optimizer=_adam(module.parameters()), config=ds_config)
     engine.set_batch_fn(pipeline_batch)
-    batches = iter(_micro_batches(documents))
+    batches = iter(_micro_batches(documents, current_device()))
     losses = []
     for _ in range(STEPS):
         losses.append(engine.train_batch(batches).detach().clone())
@@ -124,7 +126,9 @@ def _pipeline(arch, tp, pp, save_dir=None, activation_checkpoint_interval=0, doc
 
 
 def _assert_close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        a, b, rtol=FP32_RTOL, atol=FP32_RTOL * b.abs().max().item(), msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _assert_matches_reference(ranks, ref):
@@ -165,7 +169,7 @@ def test_pp2_angpt_matches_single_process(tmp_path):
 
     saved = gpt_state_dict_from_layer_files(os.path.join(tmp_path, "final"), SHAPE["num_layers"])
     for name, w in ref["weights"].items():
-        _assert_close(saved[name], w, f"saved {name}")
+        _assert_close(saved[name].cpu(), w, f"saved {name}")
 
 
 @pytest.mark.timeout(180)

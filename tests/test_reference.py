@@ -11,6 +11,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import FP32_RTOL
 from reference_models import (
     MATRICES,
     norm_dim,
@@ -26,7 +27,7 @@ from an_megatron.optim import constrain_parameters_
 
 SMALL = dict(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16)
 B, T = 2, 16
-RTOL = 1e-5
+RTOL = FP32_RTOL  # 1e-5, on CPU and on a GPU with TF32 off
 
 # (s_init, s_scale) with multipliers s_init / s_scale away from 1, so a wrong reparameterization
 # shows. s_qk stays small enough that the gaussian nu_att is not capped at 1.
@@ -53,11 +54,11 @@ def perturb_(model, seed=0):
             p.mul_(0.5 + 0.5 * torch.rand(p.shape[0], 1, generator=gen))
 
 
-def make_inputs(cfg, seed=1):
+def make_inputs(cfg, device, seed=1):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
     labels = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
-    return tokens, labels
+    return tokens.to(device), labels.to(device)
 
 
 def check_against_reference(model, tokens, labels, **masking):
@@ -108,10 +109,10 @@ FORWARD_CASES = {
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
-def test_logits_and_gradients_match_reference(single_process, case):
+def test_logits_and_gradients_match_reference(single_process, device, case):
     model = GPTModel(ModelConfig(**SMALL, **FORWARD_CASES[case]))
     perturb_(model)
-    check_against_reference(model, *make_inputs(model.config))
+    check_against_reference(model.to(device), *make_inputs(model.config, device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +121,8 @@ def test_logits_and_gradients_match_reference(single_process, case):
 
 @pytest.mark.parametrize("weight_norm", ["bound", "normalize", "none"])
 @pytest.mark.parametrize("arch", ["angpt", "ngpt"])
-def test_weight_norm_init_and_step_match_reference(single_process, arch, weight_norm):
-    model = GPTModel(ModelConfig(arch=arch, weight_norm=weight_norm, **SMALL))
+def test_weight_norm_init_and_step_match_reference(single_process, device, arch, weight_norm):
+    model = GPTModel(ModelConfig(arch=arch, weight_norm=weight_norm, **SMALL)).to(device)
     for name, x in read_weights(model).items():  # unit vectors along the right axis
         if symbol(name) in MATRICES:
             norms = x.detach().norm(dim=norm_dim(name, weight_norm))
@@ -133,9 +134,9 @@ def test_weight_norm_init_and_step_match_reference(single_process, arch, weight_
         gen = torch.Generator().manual_seed(2)
         for p in model.parameters():
             if p.ndim == 2:
-                p.mul_(0.3 + 0.7 * torch.rand(p.shape[0], 1, generator=gen))
+                p.mul_(0.3 + 0.7 * torch.rand(p.shape[0], 1, generator=gen).to(device))
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    tokens, labels = make_inputs(model.config)
+    tokens, labels = make_inputs(model.config, device)
     model(tokens, labels=labels).backward()
     opt.step()
     stepped = read_weights(model)
@@ -155,27 +156,27 @@ def test_weight_norm_init_and_step_match_reference(single_process, arch, weight_
 # Document masking and position ids (packed sequences)
 
 
-def packed_documents():
+def packed_documents(device):
     """Two rows with different document boundaries; positions restart at 0 in each document."""
     lengths = [[5, 8, 3], [11, 5]]
     doc = torch.cat([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])[None] for row in lengths])
     pos = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
-    return pos, doc
+    return pos.to(device), doc.to(device)
 
 
 MASKING_CASES = ["angpt-gaussian", "angpt-dense", "angpt-exact", "angpt-none", "ngpt"]
 
 
 @pytest.mark.parametrize("case", MASKING_CASES)
-def test_reference_documents_equal_separate_sequences(single_process, case):
+def test_reference_documents_equal_separate_sequences(single_process, device, case):
     """The reference itself: a packed row with document_ids and restarted positions gives each
     document the logits it gets alone (so dense nu_att counts keys within the document)."""
     cfg = ModelConfig(**SMALL, **FORWARD_CASES[case])
     model = GPTModel(cfg)
     perturb_(model)
-    w = read_weights(model)
-    tokens, _ = make_inputs(cfg)
-    pos, doc = packed_documents()
+    w = read_weights(model.to(device))
+    tokens, _ = make_inputs(cfg, device)
+    pos, doc = packed_documents(device)
     with torch.no_grad():
         packed = reference_forward(w, cfg, tokens, position_ids=pos, document_ids=doc)
         for r in range(B):
@@ -193,18 +194,18 @@ needs_document_ids = pytest.mark.skipif(
 
 @needs_document_ids
 @pytest.mark.parametrize("case", MASKING_CASES)
-def test_document_masking_matches_reference(single_process, case):
+def test_document_masking_matches_reference(single_process, device, case):
     model = GPTModel(ModelConfig(**SMALL, **FORWARD_CASES[case]))
     perturb_(model)
-    pos, doc = packed_documents()
-    check_against_reference(model, *make_inputs(model.config), position_ids=pos, document_ids=doc)
+    pos, doc = packed_documents(device)
+    check_against_reference(model.to(device), *make_inputs(model.config, device), position_ids=pos, document_ids=doc)
 
 
 @needs_document_ids  # position_ids arrive with document masking
 @pytest.mark.parametrize("case", ["angpt-dense", "ngpt"])
-def test_position_ids_match_reference(single_process, case):
+def test_position_ids_match_reference(single_process, device, case):
     """RoPE at given positions (here offset differently per row), no document mask."""
     model = GPTModel(ModelConfig(**SMALL, **FORWARD_CASES[case]))
     perturb_(model)
-    pos = torch.arange(T).expand(B, T) + torch.tensor([[3], [40]])
-    check_against_reference(model, *make_inputs(model.config), position_ids=pos)
+    pos = (torch.arange(T).expand(B, T) + torch.tensor([[3], [40]])).to(device)
+    check_against_reference(model.to(device), *make_inputs(model.config, device), position_ids=pos)

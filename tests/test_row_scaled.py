@@ -3,7 +3,7 @@ the same scales applied to the layer's output: logits, loss and every gradient, 
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import current_device, run_distributed
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
 # Scales away from 1, so that a scale applied to the wrong rows (e.g. s_v on u) shows.
@@ -26,7 +26,8 @@ def _both_forms(arch, tp):
         for p in model.parameters():
             if p.ndim == 1:
                 p.mul_(0.5 + torch.rand(p.shape, generator=gen))
-    tokens = torch.randint(0, SHAPE["vocab_size"], (3, SHAPE["seq_length"] + 1), generator=gen)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (3, SHAPE["seq_length"] + 1), generator=gen).to(current_device())
+    model.to(current_device())
     layers = [m for m in model.modules() if hasattr(m, "scales_weight_rows")]
     assert layers and all(m.scales_weight_rows for m in layers)  # the local linears take weight=
     out = []

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from distributed import full_named_tensors, run_distributed
+from distributed import FP32_RTOL, current_device, full_named_tensors, run_distributed
 
 ARCHS = ["angpt", "ngpt", "gptplus"]
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
@@ -15,16 +15,17 @@ def _train(arch, tp, nu_att="gaussian", documents=False):
     from an_megatron.parallel.tensor_parallel import gather_tp_tensor
 
     initialize_parallel(tp, 1)
+    device = current_device()
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(arch=arch, tensor_model_parallel_size=tp, nu_att=nu_att, **SHAPE))
+    model = GPTModel(ModelConfig(arch=arch, tensor_model_parallel_size=tp, nu_att=nu_att, **SHAPE)).to(device)
     gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, SHAPE["vocab_size"], (3, SHAPE["seq_length"] + 1), generator=gen)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (3, SHAPE["seq_length"] + 1), generator=gen).to(device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     masking = {}
     if documents:  # packed documents: attention stays inside each, positions restart
         from an_megatron.model.attention import visible_keys
 
-        docs = torch.randint(0, 2, inputs.shape, generator=gen).cumsum(1) // 4
+        docs = (torch.randint(0, 2, inputs.shape, generator=gen).cumsum(1) // 4).to(device)
         masking = dict(document_ids=docs, position_ids=visible_keys(docs, docs.shape[1], docs.device) - 1)
 
     logits = gather_tp_tensor(model(inputs, **masking), -1, 1, tp_group())
@@ -52,7 +53,9 @@ def _train(arch, tp, nu_att="gaussian", documents=False):
 
 
 def _assert_close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        a, b, rtol=FP32_RTOL, atol=FP32_RTOL * b.abs().max().item(), msg=lambda m: f"{what}: {m}"
+    )
 
 
 @pytest.mark.timeout(300)

@@ -38,8 +38,25 @@ def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
 
 
 def default_backend() -> str:
-    """nccl when this process has a GPU, gloo otherwise (CPU development and CI)."""
+    """nccl when this process has a GPU, gloo otherwise (CPU development and CI).
+
+    ``DS_ACCELERATOR`` set to anything but ``cuda`` (DeepSpeed's own switch, which also places
+    the engine's tensors) means gloo: ``DS_ACCELERATOR=cpu`` runs on CPU on a GPU machine."""
+    if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+        return "gloo"
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _set_local_gpu() -> None:
+    """One GPU per process: ``cuda:LOCAL_RANK``. More processes on a node than GPUs is refused
+    in one line instead of failing inside NCCL."""
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank} but this node has {count} GPU(s): start at most one process per GPU "
+            "(or run on CPU with DS_ACCELERATOR=cpu)"
+        )
+    torch.cuda.set_device(local_rank)
 
 
 def initialize_parallel(
@@ -58,7 +75,7 @@ def initialize_parallel(
     if not dist.is_initialized():
         backend = backend or default_backend()
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            _set_local_gpu()
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:
             dist.init_process_group(backend=backend, timeout=timeout)
