@@ -178,6 +178,10 @@ def test_checkpoint_with_recompute_loads_into_model_without(single_process, tmp_
     assert sorted(weights) == sorted(n for n, _ in saved.named_parameters())
     tokens, labels, _, _ = _batch(False)
     assert torch.equal(plain(tokens, labels), saved(tokens, labels))
+    # a training checkpoint's an_megatron.json with recompute on: loading it with the flags off is allowed
+    from an_megatron.training.checkpointing import check_compatible
+
+    check_compatible({"model_config": config.to_dict()}, plain.config, str(tmp_path))
 
 
 # ---- through the training entry point ----------------------------------------------------------

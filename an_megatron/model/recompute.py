@@ -8,7 +8,9 @@ dropout and no other random operation, so there is no RNG state to replay
 (``preserve_rng_state=False``); the recomputed values are the forward's, bit for bit.
 Non-reentrant checkpointing also passes gradients to inputs that do not require them (the
 integer ids) and works with module hooks such as ZeRO-3's parameter gathering, which re-gathers
-a block's weights when the recomputation calls the block's modules again.
+a block's weights when the recomputation calls the block's modules again. (Forward hooks inside
+a recomputed part, such as the ``Tap`` points, fire again in backward; the norm measurement runs
+without backward.)
 
 Granularities (``ModelConfig.recompute_granularity``):
 

@@ -402,7 +402,7 @@ def check_recompute_per_stage(args) -> None:
     per_stage = args.num_layers // pp
     if n is not None and pp > 1 and n > per_stage:
         raise ConfigError(
-            f"--recompute-num-layers {n} is more than the {per_stage} blocks of the smallest pipeline stage "
+            f"--recompute-num-layers {n} is more than {per_stage}, the blocks on the smallest pipeline stage "
             f"(--num-layers {args.num_layers} over --pipeline-model-parallel-size {pp})"
         )
 
