@@ -76,6 +76,42 @@ TRAIN = {
     "arch-unknown": R(["--arch", "gpt"], "argument --arch: invalid choice: 'gpt'"),
     "fp8-history-0": R(["--fp8-amax-history-len", "0"], "argument --fp8-amax-history-len: expected an integer >= 1"),
     "fp8-recipe-alone": R(["--fp8-recipe", "tensorwise"], "--fp8-recipe tensorwise has no effect without --fp8-format"),
+    # activation recomputation
+    "recompute-granularity-unknown": R(
+        ["--recompute-granularity", "some"], "argument --recompute-granularity: invalid choice: 'some'"
+    ),
+    "recompute-full-no-method": R(
+        ["--recompute-granularity", "full"], "--recompute-granularity full needs --recompute-method uniform or block"
+    ),
+    "recompute-method-unknown": R(["--recompute-method", "all"], "argument --recompute-method: invalid choice: 'all'"),
+    "recompute-method-without-full": R(
+        ["--recompute-method", "uniform"], "--recompute-method uniform needs --recompute-granularity full"
+    ),
+    "recompute-method-with-selective": R(
+        ["--recompute-granularity", "selective", "--recompute-method", "block"],
+        "--recompute-method block needs --recompute-granularity full",
+    ),
+    "recompute-num-layers-without-full": R(
+        ["--recompute-num-layers", "1"], "--recompute-num-layers 1 needs --recompute-granularity full"
+    ),
+    "recompute-num-layers-0": R(
+        ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "0"],
+        "argument --recompute-num-layers: expected an integer >= 1, got '0'",
+    ),
+    "recompute-num-layers-above-layers": R(
+        ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3"],
+        "--recompute-num-layers 3 is more than --num-layers 2",
+    ),
+    "recompute-num-layers-above-stage": R(
+        ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full", "--recompute-method", "block"]
+        + ["--recompute-num-layers", "2"],
+        "--recompute-num-layers 2 is more than 1, the blocks on the smallest pipeline stage",
+    ),
+    "recompute-activations-with-full": R(
+        ["--recompute-activations", "--recompute-granularity", "full", "--recompute-method", "uniform"],
+        "--recompute-activations means --recompute-granularity selective; it conflicts with --recompute-granularity "
+        "full",
+    ),
     # batch and schedule
     "micro-batch-0": R(["--micro-batch-size", "0", "--global-batch-size", "4"], "argument --micro-batch-size"),
     "global-batch-negative": R(["--micro-batch-size", "2", "--global-batch-size", "-4"], "argument --global-batch"),
