@@ -172,6 +172,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="dense bf16 peak per device for MFU (default: known GPUs; none on CPU)",
     )
     g.add_argument(
+        "--report-memory",
+        action="store_true",
+        help="before the first step, print each rank's estimated memory: weights, gradients, optimizer state and "
+        "activations per micro-batch (training/memory.py)",
+    )
+    g.add_argument(
         "--generate-tokens",
         type=nonnegative_int,
         default=0,

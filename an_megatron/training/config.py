@@ -62,6 +62,7 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     peak_tflops: float | None = None
     generate_tokens: int = 0
+    report_memory: bool = False
     deepspeed_config: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     # ModelConfig's fields but vocab_size (read-only mapping)

@@ -87,6 +87,8 @@ class Trainer:
         )
         self.model = model
         register_norm_bound(self.engine, model)
+        if cfg.report_memory:
+            self.report_memory()
         self.iteration, self.consumed_samples = 0, 0
         self.loaded_iteration = None
         if cfg.load:
@@ -113,6 +115,31 @@ class Trainer:
         self.peak = peak_tflops(cfg.peak_tflops)
         self.skipped, self.nan_iterations, self.nonfinite_streak = 0, 0, 0
         self.first_nonfinite = None  # the iteration where the current streak of non-finite steps began
+
+    def report_memory(self):
+        """``--report-memory``: this rank's estimate (``training/memory.py``), before the first step."""
+        from an_megatron.training.memory import NoFormula, recompute_from, report_lines
+
+        c = self.cfg
+        try:
+            lines = report_lines(
+                self.config,
+                micro_batch=c.micro_batch_size,
+                bf16=c.bf16,
+                zero_stage=c.zero_stage,
+                dp=c.data_parallel_size,
+                pp=c.pipeline_model_parallel_size,
+                stage=groups.pp_rank(),
+                micro_batches=c.gradient_accumulation_steps,
+                recompute=recompute_from(c),
+                sequence_parallel=getattr(c, "sequence_parallel", False),
+                document_mask=c.data.reset_attention_mask,
+                varlen_attention=self.device.type == "cuda" and c.bf16,
+            )
+        except NoFormula as e:
+            lines = [f"memory estimate: none ({e})"]
+        for line in lines:
+            print(f"[rank {dist.get_rank()}] {line}", flush=True)
 
     # ---- data ------------------------------------------------------------------------------
     def _build_datasets(self):

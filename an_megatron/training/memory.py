@@ -1,0 +1,400 @@
+"""Per-rank memory of a training configuration: model states (weights, gradients, optimizer) and
+the activations one micro-batch leaves for backward, counted for this project's block.
+
+Model states
+------------
+``N`` is this rank's parameter count: its pipeline stage's blocks (DeepSpeed's ``type:Block``
+partition), the embedding on the first stage and the head on the last, every matrix and every
+per-head or per-channel vector divided by the tensor-parallel size ``t`` (the norm gains of GPT+
+and the residual weights ``alpha`` are whole on every rank). With data-parallel size ``D``, bytes:
+
+===================  ===========  ===========  ==============================================
+precision            weights      gradients    optimizer (Adam ``m``, ``v``; fp32 masters)
+===================  ===========  ===========  ==============================================
+fp32, ZeRO 0         4 N          4 N          8 N (the torch optimizer steps the weights)
+fp32, ZeRO 1-3       4 N          4 N          12 N / D (DeepSpeed keeps an fp32 partition
+                                               of the weights besides them)
+bf16, ZeRO 0         2 N          2 N          12 N (a whole fp32 copy and the moments)
+bf16, ZeRO 1-3       2 N          2 N          12 N / D
+===================  ===========  ===========  ==============================================
+
+ZeRO 2 divides the gradients by ``D``, ZeRO 3 the weights too. Not counted: DeepSpeed's
+communication buckets and the fp32 gradient partition it makes during the step.
+
+Activations
+-----------
+Counted by what autograd saves for backward in one micro-batch (``b`` sequences of ``s``
+tokens, hidden size ``h``, ``a`` heads, MLP width ``f``, padded vocabulary ``V``), in elements of
+the activation dtype (fp32, or bf16 under ``--bf16``); a tensor saved by several operations, or
+a view saved by one of them, is counted once by its storage. Per block, without recomputation:
+
+- the residual stream, ``2 sbh``: the block's input and the state after the attention update,
+  each saved by the first operation that reads it (the QKV matmul or the pre-norm; the MLP);
+- the pre-norms (GPT+'s RMSNorm): ``2 sbh`` each, the normalized input (for the gain's
+  gradient) and the output (the matmul's input);
+- the QKV output, ``3 sbh / t``: ``v`` is a view of it and the attention kernel saves ``v``,
+  so the whole fused output stays alive;
+- the QK path, ``6 sbh / t``: for ``q`` and for ``k``, RoPE's output (saved by the norm), the
+  normalized value (saved by the gain's product) and the scaled one (saved by the kernel);
+- the attention output, ``sbh / t`` (out and its log-sum-exp: the fused kernels of torch on CPU
+  and CUDA keep O(s) memory, no ``s x s`` matrix), and, where the attention factor multiplies
+  it (anGPT's ``nu_att nu_qkv nu_o``), its product, another ``sbh / t`` that ``W_o`` saves;
+- the MLP, ``4 sbf / t``: the fused ``u; z`` output (``2 sbf``), ``SiLU(z)`` and the product;
+- the residual updates: anGPT's ``nu (1 - alpha) h + nu alpha x`` saves the update ``x``
+  (``sbh`` each), nGPT's ``Norm(h + alpha (Norm(x) - h))`` saves ``x``, ``Norm(x)`` and the
+  lerp (``3 sbh`` each), GPT+'s ``h + x`` nothing;
+- the row-scaled weight copy: where a per-channel scale multiplies ``W_u; W_z``'s rows
+  (``layers.row_scaled``), autograd holds the scaled copy, ``2 f h / t`` (no ``b``, no ``s``);
+- per token and head: the QK norms' two reciprocal RMS values and the log-sum-exp
+  (``3 sba / t``; the latter fp32), the attention factor per query and head, the norms of
+  nGPT's two normalizations per update and of GPT+'s RMSNorms (``sb`` each);
+- with document masking (``--reset-attention-mask``) the additive mask ``(b, 1, s, s)`` that
+  the kernel saves, ``b s^2`` per block, on every tensor-parallel rank; not on CUDA in bf16,
+  where the variable-length kernel needs no mask.
+
+So anGPT holds ``15 sbh + 4 sbf / t``-ish terms per block at ``t = 1``: with ``f = 4h``,
+``31 sbh + 8 h^2`` elements (nGPT ``34 sbh + 8 h^2``, GPT+ ``32 sbh``), against Megatron's
+``34 sbh`` bytes in fp16 for GPT with dropout and ``5 a s^2 b`` bytes for the attention matrix:
+no dropout masks and no ``s x s`` matrix here, but the QK normalization keeps six copies of
+``q`` and ``k``. Outside the blocks: the token ids (``8 sb`` bytes), the head's input ``sbh``
+(and GPT+'s final norm, ``2 sbh``), the scaled ``W_out`` copy ``V h / t`` (anGPT and nGPT's
+``s_z``), and the loss: megatron-core's vocab-parallel cross-entropy works in place on a copy of
+the logits and saves the softmax, ``4 sbV / t`` bytes in fp32 whatever the model's dtype, plus a
+mask and the targets (``9 sb`` bytes). The peak of a step adds what is alive at the end of the
+forward pass beside the saved tensors: the logits next to their fp32 copy (``sbV / t`` in the
+activation dtype, plus the fp32 cast's ``4 sbV / t`` bytes under bf16).
+
+Tensor and sequence parallelism: without ``--sequence-parallel`` the residual stream, the
+norms and the residual updates are whole on every tensor-parallel rank; with it they are split
+along the sequence (``/ t``), the column-parallel matmuls saving their sequence-split input and
+gathering it again in backward, as in Megatron.
+
+Recomputation (``--recompute-granularity``):
+
+- ``full``: a recomputed chunk keeps only its input, ``sbh`` (``/ t`` with sequence
+  parallelism); ``uniform`` makes chunks of ``--recompute-num-layers`` blocks of this stage
+  (one input each), ``block`` recomputes the first ``--recompute-num-layers`` blocks one by one
+  and stores the others whole. During backward one chunk's blocks are alive again. The peak is
+  the larger of the end of the forward pass (kept inputs, stored blocks, head and loss) and the
+  recomputation of one chunk (kept inputs, stored blocks, that chunk's blocks);
+- ``selective``: each block drops the terms named in the recompute module's list of what
+  selective recomputation recomputes (``SELECTIVE_TERMS`` maps them to the terms above).
+
+Pipeline parallelism: DeepSpeed's schedule has ``min(p - stage, micro-batches per step)``
+micro-batches in flight on a stage, each holding its activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from an_megatron.model import components
+from an_megatron.model.config import ModelConfig
+
+GIB = 1024**3
+
+# Elements per token of the residual stream, saved per pre-norm and per residual update, by the
+# component the spec names (see the module docstring). A component missing here has no formula.
+PRE_NORM_SAVED = {components.no_op: 0, components.hidden_rmsnorm: 2}
+RESIDUAL_SAVED = {components.ScaledLerpResidual: 1, components.SphereResidual: 3, components.AddResidual: 0}
+# Per-token norms (``sb`` elements) each pre-norm and residual update saves.
+PRE_NORM_STATS = {components.no_op: 0, components.hidden_rmsnorm: 1}
+RESIDUAL_STATS = {components.ScaledLerpResidual: 0, components.SphereResidual: 2, components.AddResidual: 0}
+
+
+class NoFormula(ValueError):
+    """The configuration uses a component whose saved tensors this module does not count."""
+
+
+def stage_blocks(num_layers: int, pp: int, stage: int) -> int:
+    """The number of blocks on pipeline ``stage``: DeepSpeed's ``type:Block`` partition."""
+    if pp == 1:
+        return num_layers
+    from deepspeed.runtime.utils import partition_balanced
+
+    weights = [0] + [1] * num_layers + [0]  # [Embedding, Block 0 .. L-1, Head]
+    parts = partition_balanced(weights=weights, num_parts=pp)
+    return sum(weights[parts[stage] : parts[stage + 1]])
+
+
+def _vector_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_count(config: ModelConfig, pp: int = 1, stage: int = 0) -> int:
+    """This rank's parameters: the stage's blocks (embedding on the first stage, head on the
+    last), matrices and TP-sharded vectors divided by the tensor-parallel size. The per-channel
+    components (norm gains, scales, ``alpha``) are built (vectors only) and counted, so any
+    spec is counted as it is built."""
+    spec, d, f, V, t = config.spec, config.hidden_size, config.ffn_hidden_size, config.vocab_size, 1
+    t = config.tensor_model_parallel_size
+    factors = spec.factors(config)
+    block = (3 * d * d + d * d + 2 * f * d + f * d) // t
+    block += 2 * _vector_params(spec.pre_norm(config)) + _vector_params(spec.qk_norm(config))
+    block += 2 * _vector_params(spec.residual(config))
+    block += _vector_params(spec.gate_scales(config, factors.nu_uz * factors.nu_act * factors.nu_down, factors.nu_uz))
+    n = stage_blocks(config.num_layers, pp, stage) * block
+    if stage == 0:
+        n += V * d // t
+    if stage == pp - 1:
+        n += V * d // t + _vector_params(spec.final_norm(config)) + _vector_params(spec.logit_scale(config))
+    return n
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes of this rank's weights, gradients and optimizer state."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(n: int, bf16: bool, zero_stage: int, dp: int) -> ModelStates:
+    """The table of the module docstring for ``n`` local parameters."""
+    width = 2 if bf16 else 4
+    optimizer = 12 * n if bf16 or zero_stage > 0 else 8 * n  # fp32 masters, m, v (ZeRO 0 fp32: m, v)
+    return ModelStates(
+        params=width * n // (dp if zero_stage >= 3 else 1),
+        grads=width * n // (dp if zero_stage >= 2 else 1),
+        optimizer=optimizer // (dp if zero_stage >= 1 else 1),
+    )
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """What is recomputed: ``granularity`` None, ``full`` or ``selective``; for ``full``, the
+    ``method`` (``uniform`` or ``block``) and ``num_layers``; for ``selective``, the block terms
+    it drops (names of ``block_terms``)."""
+
+    granularity: str | None = None
+    method: str = "uniform"
+    num_layers: int = 1
+    selective_terms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes held by one micro-batch's activations on this rank: ``block`` per block (by term),
+    ``stored`` at the end of the forward pass, ``peak`` the most alive at once in the step."""
+
+    block: dict = field(default_factory=dict)
+    stored: int = 0
+    peak: int = 0
+    in_flight: int = 1  # micro-batches in flight on this pipeline stage
+
+
+def block_terms(
+    config: ModelConfig,
+    micro_batch: int,
+    bf16: bool = False,
+    sequence_parallel: bool = False,
+    document_mask: bool = False,
+    varlen_attention: bool = False,
+) -> dict[str, float]:
+    """Bytes one block saves for backward without recomputation, by term (module docstring)."""
+    spec, t = config.spec, config.tensor_model_parallel_size
+    b, s, d, f, a = (
+        micro_batch,
+        config.seq_length,
+        config.hidden_size,
+        config.ffn_hidden_size,
+        config.num_attention_heads,
+    )
+    for table, component, place in (
+        (PRE_NORM_SAVED, spec.pre_norm, "pre_norm"),
+        (RESIDUAL_SAVED, spec.residual, "residual"),
+    ):
+        if component not in table:
+            raise NoFormula(f"no activation formula for the {place} component {component.__name__}")
+    if config.transformer_impl != "local" or config.fp8 is not None:
+        raise NoFormula(f"no activation formula for --transformer-impl {config.transformer_impl} / FP8 linears")
+    width = 2 if bf16 else 4
+    sbh = s * b * d
+    seq_split = t if sequence_parallel else 1  # what lives outside the tensor-parallel matmuls
+    factors = spec.factors(config)
+    factor_applied = factors.nu_att != "none" or factors.nu_qkv * factors.nu_o != 1.0
+    gate_scaled = spec.gate_scales(config).row_scale() is not None
+    terms = {
+        "residual_stream": 2 * sbh / seq_split,
+        "pre_norms": 2 * PRE_NORM_SAVED[spec.pre_norm] * sbh / seq_split,
+        "residual_updates": 2 * RESIDUAL_SAVED[spec.residual] * sbh / seq_split,
+        "qkv_output": 3 * sbh / t,
+        "qk_norm": 6 * sbh / t,
+        "attention_output": sbh / t,
+        "attention_factor": sbh / t if factor_applied else 0,
+        "mlp": 4 * s * b * f / t,
+        "up_gate_weight_copy": 2 * f * d / t if gate_scaled else 0,
+        "per_token_stats": (
+            2 * s * b * a / t  # QK norms' reciprocal RMS
+            + (s * b * a / t if factors.nu_att in ("exact",) else s * a / t if factor_applied else 0)
+            + 2 * (PRE_NORM_STATS[spec.pre_norm] + RESIDUAL_STATS[spec.residual]) * s * b / seq_split
+        ),
+        "document_mask": b * s * s if document_mask and not varlen_attention else 0,
+    }
+    out = {name: value * width for name, value in terms.items()}
+    out["per_token_stats"] += 4 * s * b * a / t  # the attention's log-sum-exp, fp32
+    return out
+
+
+def activation_bytes(
+    config: ModelConfig,
+    micro_batch: int,
+    bf16: bool = False,
+    sequence_parallel: bool = False,
+    document_mask: bool = False,
+    varlen_attention: bool = False,
+    recompute: Recompute = Recompute(),
+    pp: int = 1,
+    stage: int = 0,
+    micro_batches: int = 1,
+) -> Activations:
+    """One micro-batch's activations on pipeline ``stage`` (module docstring)."""
+    t, width = config.tensor_model_parallel_size, 2 if bf16 else 4
+    b, s, d, V = micro_batch, config.seq_length, config.hidden_size, config.vocab_size
+    seq_split = t if sequence_parallel else 1
+    terms = block_terms(config, micro_batch, bf16, sequence_parallel, document_mask, varlen_attention)
+    block = sum(terms.values())
+    n_blocks = stage_blocks(config.num_layers, pp, stage)
+    block_input = s * b * d * width / seq_split
+
+    edges, loss = 0.0, 0.0
+    if stage == 0:
+        edges += 8 * s * b  # token ids
+    if stage == pp - 1:
+        spec = config.spec
+        edges += s * b * d * width / seq_split * (1 + PRE_NORM_SAVED.get(spec.final_norm, 0))
+        edges += width * s * b * PRE_NORM_STATS.get(spec.final_norm, 0) / seq_split
+        edges += V * d * width / t if spec.logit_scale(config).row_scale() is not None else 0
+        edges += 4 * s * b * V / t + 9 * s * b  # the softmax (fp32), the targets and their mask
+        # beside the saved softmax, at the end of the forward pass: the logits, and under bf16
+        # their fp32 cast
+        loss = s * b * V / t * (width + (4 if bf16 else 0))
+
+    if recompute.granularity == "full":
+        n = min(max(1, recompute.num_layers), n_blocks) if n_blocks else 0
+        if recompute.method == "block":
+            stored = n * block_input + (n_blocks - n) * block
+            chunk = block
+        else:
+            stored = math.ceil(n_blocks / n) * block_input if n else 0
+            chunk = n * block
+        stored += edges
+        peak = max(stored + loss, stored + chunk)
+    else:
+        if recompute.granularity == "selective":
+            unknown = set(recompute.selective_terms) - set(terms)
+            if unknown:
+                raise NoFormula(f"selective recomputation of unknown terms {sorted(unknown)}")
+            block -= sum(terms[name] for name in recompute.selective_terms)
+        stored = n_blocks * block + edges
+        peak = stored + loss
+    in_flight = min(pp - stage, micro_batches) if pp > 1 else 1
+    return Activations(block=terms, stored=int(stored), peak=int(peak), in_flight=in_flight)
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB, or MiB / KiB below one of the unit (tiny test models)."""
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2)):
+        if n >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+def selective_terms() -> tuple[str, ...]:
+    """The block terms selective recomputation drops, from the recompute module's list of what
+    it recomputes; NoFormula where this build has no selective recomputation."""
+    raise NoFormula("selective recomputation is not available in this build")
+
+
+def recompute_from(cfg) -> Recompute:
+    """The recomputation a training config asks for (``--recompute-*``; none without the flags)."""
+    granularity = getattr(cfg, "recompute_granularity", None)
+    if granularity is None and getattr(cfg, "recompute_activations", False):
+        granularity = "selective"
+    if granularity == "selective":
+        return Recompute("selective", selective_terms=selective_terms())
+    if granularity == "full":
+        return Recompute(
+            "full", getattr(cfg, "recompute_method", None) or "uniform", getattr(cfg, "recompute_num_layers", None) or 1
+        )
+    return Recompute()
+
+
+def report_lines(
+    config: ModelConfig,
+    *,
+    micro_batch: int,
+    bf16: bool,
+    zero_stage: int,
+    dp: int,
+    pp: int = 1,
+    stage: int = 0,
+    micro_batches: int = 1,
+    recompute: Recompute = Recompute(),
+    sequence_parallel: bool = False,
+    document_mask: bool = False,
+    varlen_attention: bool = False,
+) -> list[str]:
+    """The ``--report-memory`` lines of one rank: model states, activations per micro-batch
+    under each recomputation mode (the chosen one marked) and one total."""
+    t = config.tensor_model_parallel_size
+    n = parameter_count(config, pp, stage)
+    states = model_state_bytes(n, bf16, zero_stage, dp)
+    blocks = stage_blocks(config.num_layers, pp, stage)
+    parts = (
+        [f"{blocks} blocks"] + (["embedding"] if stage == 0 else []) + (["head and loss"] if stage == pp - 1 else [])
+    )
+    opt_what = "fp32 masters, Adam m and v" if bf16 or zero_stage else "Adam m and v"
+    lines = [
+        f"memory estimate (training/memory.py): TP={t} PP={pp} (stage {stage}: {', '.join(parts)}) DP={dp} "
+        f"ZeRO-{zero_stage} {'bf16 with fp32 masters' if bf16 else 'fp32'}",
+        f"  parameters: {n:,} on this rank; weights {gib(states.params)}, gradients {gib(states.grads)}, "
+        f"optimizer {gib(states.optimizer)} ({opt_what})",
+    ]
+    common = dict(
+        config=config,
+        micro_batch=micro_batch,
+        bf16=bf16,
+        document_mask=document_mask,
+        varlen_attention=varlen_attention,
+        pp=pp,
+        stage=stage,
+        micro_batches=micro_batches,
+    )
+    n_recompute = recompute.num_layers if recompute.granularity == "full" else 1
+    modes = [
+        ("no recomputation", Recompute(), False),
+        (
+            f"full, {recompute.method if recompute.granularity == 'full' else 'uniform'}, {n_recompute} layer(s)",
+            Recompute("full", recompute.method if recompute.granularity == "full" else "uniform", n_recompute),
+            False,
+        ),
+    ]
+    try:
+        modes.append(("selective", Recompute("selective", selective_terms=selective_terms()), False))
+    except NoFormula:
+        pass
+    if t > 1:
+        modes.append(("no recomputation, --sequence-parallel", Recompute(), True))
+    chosen = activation_bytes(**common, recompute=recompute, sequence_parallel=sequence_parallel)
+    lines.append(
+        f"  activations per micro-batch (b={micro_batch}, s={config.seq_length}): stored {gib(chosen.stored)}, "
+        f"peak {gib(chosen.peak)}; {chosen.in_flight} micro-batch(es) in flight on this stage"
+    )
+    for name, mode, sp in modes:
+        a = activation_bytes(**common, recompute=mode, sequence_parallel=sp)
+        mark = " <- this run" if (mode, sp) == (recompute, sequence_parallel) else ""
+        lines.append(f"    {name}: stored {gib(a.stored)}, peak {gib(a.peak)}{mark}")
+    total = states.total + chosen.stored * (chosen.in_flight - 1) + chosen.peak
+    lines.append(
+        f"  total: {gib(total)} = weights, gradients and optimizer {gib(states.total)} + activations peak "
+        f"{gib(chosen.peak)}"
+        + (f" + {chosen.in_flight - 1} x stored {gib(chosen.stored)}" if chosen.in_flight > 1 else "")
+    )
+    return lines
