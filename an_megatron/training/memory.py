@@ -94,11 +94,15 @@ from an_megatron.model.config import ModelConfig
 
 GIB = 1024**3
 
-# Elements per token of the residual stream, saved per pre-norm and per residual update, by the
-# component the spec names (see the module docstring). A component missing here has no formula.
-PRE_NORM_SAVED = {components.no_op: 0, components.hidden_rmsnorm: 2}
+# Bytes per element of the residual stream that a pre-norm saves besides its input (``w``: the
+# activation width; fp32 for what the norm computes in fp32 under bf16), and whether it saves
+# its input as an fp32 copy (torch's RMSNorm upcasts a bf16 input and saves the copy); and the
+# elements per token saved by each residual update, by the component the spec names (module
+# docstring). A component missing here has no formula.
+PRE_NORM_SAVED = {components.no_op: lambda w: 0, components.hidden_rmsnorm: lambda w: 4 + w}
+PRE_NORM_UPCASTS = {components.no_op: False, components.hidden_rmsnorm: True}
 RESIDUAL_SAVED = {components.ScaledLerpResidual: 1, components.SphereResidual: 3, components.AddResidual: 0}
-# Per-token norms (``sb`` elements) each pre-norm and residual update saves.
+# Per-token norms (``sb`` elements; fp32 for the RMSNorms) each pre-norm and residual update saves.
 PRE_NORM_STATS = {components.no_op: 0, components.hidden_rmsnorm: 1}
 RESIDUAL_STATS = {components.ScaledLerpResidual: 0, components.SphereResidual: 2, components.AddResidual: 0}
 
@@ -214,32 +218,31 @@ def block_terms(
             raise NoFormula(f"no activation formula for the {place} component {component.__name__}")
     if config.transformer_impl != "local" or config.fp8 is not None:
         raise NoFormula(f"no activation formula for --transformer-impl {config.transformer_impl} / FP8 linears")
-    width = 2 if bf16 else 4
+    w = 2 if bf16 else 4
     sbh = s * b * d
     seq_split = t if sequence_parallel else 1  # what lives outside the tensor-parallel matmuls
     factors = spec.factors(config)
     factor_applied = factors.nu_att != "none" or factors.nu_qkv * factors.nu_o != 1.0
     gate_scaled = spec.gate_scales(config).row_scale() is not None
-    terms = {
-        "residual_stream": 2 * sbh / seq_split,
-        "pre_norms": 2 * PRE_NORM_SAVED[spec.pre_norm] * sbh / seq_split,
-        "residual_updates": 2 * RESIDUAL_SAVED[spec.residual] * sbh / seq_split,
-        "qkv_output": 3 * sbh / t,
-        "qk_norm": 6 * sbh / t,
-        "attention_output": sbh / t,
-        "attention_factor": sbh / t if factor_applied else 0,
-        "mlp": 4 * s * b * f / t,
-        "up_gate_weight_copy": 2 * f * d / t if gate_scaled else 0,
+    stream = 4 if PRE_NORM_UPCASTS[spec.pre_norm] else w  # how the residual stream is saved
+    return {
+        "residual_stream": 2 * stream * sbh / seq_split,
+        "pre_norms": 2 * PRE_NORM_SAVED[spec.pre_norm](w) * sbh / seq_split,
+        "residual_updates": 2 * RESIDUAL_SAVED[spec.residual] * w * sbh / seq_split,
+        "qkv_output": 3 * w * sbh / t,
+        # q and k: RoPE's output (kept by the norm in fp32), the normalized and the scaled value
+        "qk_norm": 2 * (4 + 2 * w) * sbh / t,
+        "attention_output": w * sbh / t,
+        "attention_factor": w * sbh / t if factor_applied else 0,
+        "mlp": 4 * w * s * b * f / t,
+        "up_gate_weight_copy": 2 * w * f * d / t if gate_scaled else 0,
         "per_token_stats": (
-            2 * s * b * a / t  # QK norms' reciprocal RMS
-            + (s * b * a / t if factors.nu_att in ("exact",) else s * a / t if factor_applied else 0)
-            + 2 * (PRE_NORM_STATS[spec.pre_norm] + RESIDUAL_STATS[spec.residual]) * s * b / seq_split
+            3 * 4 * s * b * a / t  # the QK norms' reciprocal RMS and the log-sum-exp, fp32
+            + (w * s * b * a / t if factors.nu_att == "exact" else w * s * a / t if factor_applied else 0)
+            + 2 * (4 * PRE_NORM_STATS[spec.pre_norm] + w * RESIDUAL_STATS[spec.residual]) * s * b / seq_split
         ),
-        "document_mask": b * s * s if document_mask and not varlen_attention else 0,
+        "document_mask": w * b * s * s if document_mask and not varlen_attention else 0,
     }
-    out = {name: value * width for name, value in terms.items()}
-    out["per_token_stats"] += 4 * s * b * a / t  # the attention's log-sum-exp, fp32
-    return out
 
 
 def activation_bytes(
@@ -268,8 +271,10 @@ def activation_bytes(
         edges += 8 * s * b  # token ids
     if stage == pp - 1:
         spec = config.spec
-        edges += s * b * d * width / seq_split * (1 + PRE_NORM_SAVED.get(spec.final_norm, 0))
-        edges += width * s * b * PRE_NORM_STATS.get(spec.final_norm, 0) / seq_split
+        final_norm = spec.final_norm
+        head_input = 4 if PRE_NORM_UPCASTS.get(final_norm) else width
+        edges += s * b * d / seq_split * (head_input + PRE_NORM_SAVED.get(final_norm, lambda w: 0)(width))
+        edges += 4 * s * b * PRE_NORM_STATS.get(final_norm, 0) / seq_split
         edges += V * d * width / t if spec.logit_scale(config).row_scale() is not None else 0
         edges += 4 * s * b * V / t + 9 * s * b  # the softmax (fp32), the targets and their mask
         # beside the saved softmax, at the end of the forward pass: the logits, and under bf16
