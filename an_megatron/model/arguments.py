@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 
 from an_megatron.cli import positive_float, positive_int
+from an_megatron.errors import FieldError
 from an_megatron.model.arch import ARCH_SPECS
 from an_megatron.model.config import DEFAULT_SCALES, WEIGHT_NORMS, ModelConfig
 from an_megatron.model.factors import NU_ATT_OPTIONS
 from an_megatron.model.fp8 import AMAX_COMPUTE_ALGOS, FP8_BACKENDS, FP8_FORMATS, FP8_RECIPES, TRANSFORMER_IMPLS
+from an_megatron.model.recompute import GRANULARITIES, METHODS, SELECTIVE_RECOMPUTE
 
 
 def _scale_spec(text: str):
@@ -70,7 +72,55 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="fuse the blocks' elementwise chains (residual, QK-norm, SwiGLU) with torch.compile",
     )
     add_fp8_args(parser)
+    add_recompute_args(parser)
     return parser
+
+
+def add_recompute_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron's activation recomputation flags (``model/recompute.py``)."""
+    g = parser.add_argument_group("activation recomputation")
+    g.add_argument(
+        "--recompute-granularity",
+        choices=GRANULARITIES,
+        default=None,
+        help="full: recompute whole blocks (needs --recompute-method); selective: recompute the parts of every "
+        f"block that hold much memory and cost little to redo ({', '.join(SELECTIVE_RECOMPUTE)})",
+    )
+    g.add_argument(
+        "--recompute-method",
+        choices=METHODS,
+        default=None,
+        help="with full: uniform keeps only the input of each chunk of --recompute-num-layers consecutive blocks; "
+        "block recomputes the first --recompute-num-layers blocks of each pipeline stage and keeps the others'",
+    )
+    g.add_argument(
+        "--recompute-num-layers",
+        type=positive_int,
+        default=None,
+        help="with full: blocks per chunk (uniform) or recomputed blocks per pipeline stage (block); default 1",
+    )
+    g.add_argument(
+        "--recompute-activations",
+        action="store_true",
+        help="Megatron's alias for --recompute-granularity selective",
+    )
+    return parser
+
+
+def recompute_granularity(args: argparse.Namespace) -> str | None:
+    """``--recompute-granularity``, with ``--recompute-activations`` as ``selective``; a
+    conflict between the two is a ``FieldError`` naming both."""
+    if not getattr(args, "recompute_activations", False):
+        return args.recompute_granularity
+    if args.recompute_granularity not in (None, "selective"):
+        raise FieldError(
+            "{recompute_activations} means {recompute_granularity} selective; it conflicts with "
+            "{recompute_granularity} {value}",
+            "recompute_activations",
+            "recompute_granularity",
+            value=args.recompute_granularity,
+        )
+    return "selective"
 
 
 def add_fp8_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -142,6 +192,9 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
         fp8_margin=args.fp8_margin,
         fp8_amax_history_len=args.fp8_amax_history_len,
         fp8_amax_compute_algo=args.fp8_amax_compute_algo,
+        recompute_granularity=recompute_granularity(args),
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
     )
 
 

@@ -9,6 +9,7 @@ from an_megatron.errors import FieldError
 from an_megatron.model.arch import ARCH_SPECS, ARCHS, ArchSpec  # noqa: F401 (ARCHS: its importers)
 from an_megatron.model.factors import check_nu_att
 from an_megatron.model.fp8 import check_fp8
+from an_megatron.model.recompute import check_recompute
 
 WEIGHT_NORMS = ("bound", "normalize", "none")
 POSITIVE_INT_FIELDS = (
@@ -70,6 +71,12 @@ class ModelConfig:
     # Compile the blocks' elementwise chains (residual update, QK-norm, SwiGLU product) with
     # torch.compile: each becomes one fused kernel forward and one backward (components.compiled).
     torch_compile: bool = False
+    # Activation recomputation (Megatron's flags; model/recompute.py): None, "full" or
+    # "selective"; full's method ("uniform" or "block") and number of layers (default 1). It
+    # changes what backward keeps, never the math: checkpoints and exports do not depend on it.
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
     def __post_init__(self):
         if self.arch not in ARCH_SPECS:
@@ -88,6 +95,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown learnable scale(s) {sorted(unknown)}; known: {sorted(DEFAULT_SCALES)}")
         self._check_ranges()
+        object.__setattr__(self, "recompute_num_layers", check_recompute(self))  # 1 for full when not given
         d, H, tp = self.hidden_size, self.num_attention_heads, self.tensor_model_parallel_size
         if d % H:
             raise ValueError(f"hidden-size {d} is not divisible by num-attention-heads {H}")

@@ -24,6 +24,7 @@ from an_megatron.model.components import compiled, swiglu
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.factors import nu_att_dense, nu_att_gaussian
 from an_megatron.model.layers import column_parallel, row_parallel, row_scaled, vocab_embedding
+from an_megatron.model.recompute import run_blocks, selective
 from an_megatron.model.scales import Tap
 
 
@@ -79,14 +80,22 @@ class Attention(nn.Module):
         self.qk_norm = spec.qk_norm(config)
         self.softmax_scale = spec.softmax_scale(dh)
         self.proj = row_parallel(config, f"layers.{layer}.attention.proj", d, d)
+        self.core = selective(self._core, "attention_core", config)
+        self.rope_qk_norm = selective(self._rope_qk_norm, "rope_qk_norm", config)
         self.tap_q, self.tap_k, self.tap_v, self.tap_heads, self.tap_out = Tap(), Tap(), Tap(), Tap(), Tap()
 
     def forward(self, h: torch.Tensor, position_ids=None, document_ids=None) -> torch.Tensor:
-        b, s, _ = h.shape
+        o = self.core(self.qkv(h)[0], position_ids, document_ids)
+        return self.tap_out(self.proj(o)[0])
+
+    def _core(self, qkv: torch.Tensor, position_ids, document_ids) -> torch.Tensor:
+        """From the qkv matmul's output ``(b, s, 3 d / tp)`` to the proj's input ``(b, s, d / tp)``:
+        RoPE, QK-norm, attention and the folded factors (what selective recomputation can redo)."""
+        b, s, _ = qkv.shape
         nu_qkv, nu_o = self.factors.nu_qkv, self.factors.nu_o
-        q, k, v = self.qkv(h)[0].view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
+        q, k, v = qkv.view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
         self.tap_q(q, nu_qkv), self.tap_k(k, nu_qkv), self.tap_v(v, nu_qkv)
-        q, k = self.qk_norm(apply_rope(q, self.rope_theta, position_ids), apply_rope(k, self.rope_theta, position_ids))
+        q, k = self.rope_qk_norm(q, k, position_ids)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d_h) for the kernels
         if self.factors.nu_att == "exact":
             o, nu = attention_with_exact_nu_att(q, k, v, self.softmax_scale, document_ids)
@@ -100,7 +109,10 @@ class Attention(nn.Module):
         factor = nu_qkv * nu_o * nu  # nu_att with the constants (linear through the average and W_o)
         if torch.is_tensor(factor) or factor != 1.0:  # no pass for nGPT and GPT+ (all factors 1)
             o = o * factor
-        return self.tap_out(self.proj(o.reshape(b, s, -1))[0])
+        return o.reshape(b, s, -1)
+
+    def _rope_qk_norm(self, q: torch.Tensor, k: torch.Tensor, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qk_norm(apply_rope(q, self.rope_theta, position_ids), apply_rope(k, self.rope_theta, position_ids))
 
     def _nu_att(self, document_ids, s: int, device):
         """The predicted ``nu_att`` per query (and head), broadcastable to ``(b, s, heads, 1)``."""
@@ -132,7 +144,7 @@ class MLP(nn.Module):
         self.up_gate = column_parallel(config, f"layers.{layer}.mlp.up_gate", d, 2 * f, stride=2)
         self.gate_scales = spec.gate_scales(config, u_factor=nu_uz * nu_act * nu_down, z_factor=nu_uz)
         self.down = row_parallel(config, f"layers.{layer}.mlp.down", f, d)
-        self.swiglu = compiled(swiglu, config)
+        self.swiglu = selective(compiled(swiglu, config), "swiglu", config)
         self.tap_u, self.tap_act, self.tap_out = Tap(tp_sharded=True), Tap(tp_sharded=True), Tap()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -156,11 +168,16 @@ class Block(nn.Module):
         self.mlp = MLP(config, spec, layer)
         self.mlp_residual = spec.residual(config)
         self.tap_h_attention, self.tap_h_mlp = Tap(), Tap()
+        # the norms and residual updates as called (recomputed in backward if selective asks)
+        self.norm_attention_input = selective(self.attention_norm, "pre_norm", config)
+        self.norm_mlp_input = selective(self.mlp_norm, "pre_norm", config)
+        self.update_after_attention = selective(self.attention_residual, "residual", config)
+        self.update_after_mlp = selective(self.mlp_residual, "residual", config)
 
     def forward(self, h: torch.Tensor, position_ids=None, document_ids=None) -> torch.Tensor:
-        x_a = self.attention(self.attention_norm(h), position_ids, document_ids)
-        h = self.tap_h_attention(self.attention_residual(h, x_a))
-        return self.tap_h_mlp(self.mlp_residual(h, self.mlp(self.mlp_norm(h))))
+        x_a = self.attention(self.norm_attention_input(h), position_ids, document_ids)
+        h = self.tap_h_attention(self.update_after_attention(h, x_a))
+        return self.tap_h_mlp(self.update_after_mlp(h, self.mlp(self.norm_mlp_input(h))))
 
 
 class Embedding(nn.Module):
@@ -219,8 +236,7 @@ class GPTModel(nn.Module):
         ``document_ids`` ``(b, s)`` keep attention inside each packed document;
         ``position_ids`` ``(b, s)`` are RoPE's positions (default ``0..s-1``)."""
         h = self.embedding(tokens)
-        for block in self.layers:
-            h = block(h, position_ids, document_ids)
+        h = run_blocks(self.layers, h, self.config, lambda block, x: block(x, position_ids, document_ids))
         logits = self.head(h)
         return logits if labels is None else lm_loss(logits, labels, loss_mask)
 

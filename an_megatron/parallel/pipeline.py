@@ -30,6 +30,7 @@ pipeline checkpoint stores per layer are read in ``training/checkpointing.py``).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import deepspeed
 import torch
@@ -38,6 +39,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 
 from an_megatron.model.config import ModelConfig
 from an_megatron.model.gpt import Block, Embedding, Head, lm_loss
+from an_megatron.model.recompute import run_blocks
 from an_megatron.parallel.groups import deepspeed_topology
 
 # Checkpoint files live in training/checkpointing.py; re-exported for training/convert.py, which
@@ -104,6 +106,36 @@ def pipeline_batch(batch: dict):
     return inputs, (batch["labels"], batch["loss_mask"])
 
 
+class StageModule(PipelineModule):
+    """DeepSpeed's ``PipelineModule`` whose forward runs this stage's blocks through
+    ``recompute.run_blocks``, as ``GPTModel`` runs all of them: ``--recompute-*`` mean the same
+    on every layout (chunks of consecutive blocks, or the first N blocks of the stage).
+
+    DeepSpeed's own ``activation_checkpoint_interval`` stays 0: it counts every layer of the
+    stage from its first, so with the embedding first (or the head last) its chunks would not
+    line up with blocks, and chunks holding the embedding or the head would not be recomputed.
+    DeepSpeed's forward at interval 0 calls each layer in turn (what this one does around the
+    blocks); its per-layer seeding (``seed_layers``) is off here, as the model draws nothing."""
+
+    def __init__(self, config: ModelConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.recompute_config = config
+
+    def forward(self, forward_input):
+        x, layers, i = forward_input, self.forward_funcs, 0
+        while i < len(layers):
+            if isinstance(layers[i], Block):
+                end = i
+                while end < len(layers) and isinstance(layers[end], Block):
+                    end += 1
+                x = run_blocks(layers[i:end], x, self.recompute_config)
+                i = end
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
+
+
 def build_pipeline_module(
     config: ModelConfig,
     partition_method: str = PARTITION_METHOD,
@@ -113,23 +145,37 @@ def build_pipeline_module(
 
     Needs ``initialize_parallel(tp, pp)`` first (the topology comes from megatron-core's groups).
     Pass no ``mpu`` to ``deepspeed.initialize``: it takes the module's grid.
+
+    Recomputation follows ``config`` (``recompute.py``). ``activation_checkpoint_interval`` N > 0,
+    DeepSpeed's name, is ``--recompute-granularity full --recompute-method uniform
+    --recompute-num-layers N`` (chunks of N blocks); it cannot be combined with a config that
+    already recomputes.
     """
     if partition_method == "parameters":
         # DeepSpeed counts parameters by building every layer on every rank, and the vocabulary
         # matrices would outweigh the blocks: stages would not hold equal numbers of blocks.
         raise ValueError("partition_method 'parameters' builds the whole model on every rank; use 'type:Block'")
+    if activation_checkpoint_interval:
+        if config.recompute_granularity is not None:
+            raise ValueError(
+                f"activation_checkpoint_interval {activation_checkpoint_interval} with recompute granularity "
+                f"{config.recompute_granularity!r}: give one of them"
+            )
+        config = replace(
+            config,
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=activation_checkpoint_interval,
+        )
     # PipelineModule talks through deepspeed.comm, which must wrap our process group first
     # (deepspeed.initialize would do it, but only after the module is built).
     deepspeed.init_distributed(dist_backend=dist.get_backend())
-    return PipelineModule(
+    return StageModule(
+        config,
         layers=layer_specs(config),
         topology=deepspeed_topology(),
         loss_fn=pipeline_loss,
         partition_method=partition_method,
-        activation_checkpoint_interval=activation_checkpoint_interval,
-        # Recompute blocks only: DeepSpeed's default would also checkpoint the embedding, whose
-        # integer input cannot carry the gradient through reentrant checkpointing.
-        checkpointable_layers=["PipelineBlock"],
     )
 
 

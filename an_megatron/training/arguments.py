@@ -69,6 +69,10 @@ MODEL_FIELD_FLAGS = {
     "fp8_amax_history_len": "--fp8-amax-history-len",
     "fp8_amax_compute_algo": "--fp8-amax-compute-algo",
     "torch_compile": "--torch-compile",
+    "recompute_granularity": "--recompute-granularity",
+    "recompute_method": "--recompute-method",
+    "recompute_num_layers": "--recompute-num-layers",
+    "recompute_activations": "--recompute-activations",
 }
 
 
@@ -379,11 +383,12 @@ def check_flags(args) -> None:
         )
     # The model's shapes (heads, ffn and vocabulary against the TP size, ...), before anything
     # starts: the padded vocabulary is a multiple of the TP size, so any multiple stands for it.
-    kwargs = model_config_kwargs(args)
     try:
+        kwargs = model_config_kwargs(args)
         ModelConfig(**kwargs, vocab_size=args.make_vocab_size_divisible_by * kwargs["tensor_model_parallel_size"])
     except ValueError as e:
         raise config_error(e) from None
+    check_recompute_per_stage(args)
     if args.data_path:
         from an_megatron.data.arguments import data_error_message
         from an_megatron.data.datasets import parse_data_path
@@ -393,6 +398,19 @@ def check_flags(args) -> None:
             parse_data_path(args.data_path)
         except DataError as e:
             raise ConfigError(data_error_message(e)) from None
+
+
+def check_recompute_per_stage(args) -> None:
+    """``--recompute-num-layers`` counts blocks of one pipeline stage (Megatron's meaning): at
+    most the blocks of the smallest stage (stages hold ``--num-layers / pp`` blocks, rounded
+    down or up)."""
+    n, pp = args.recompute_num_layers, args.pipeline_model_parallel_size
+    per_stage = args.num_layers // pp
+    if n is not None and pp > 1 and n > per_stage:
+        raise ConfigError(
+            f"--recompute-num-layers {n} is more than the {per_stage} blocks of the smallest pipeline stage "
+            f"(--num-layers {args.num_layers} over --pipeline-model-parallel-size {pp})"
+        )
 
 
 def parse_args(argv=None, world_size: int | None = None) -> tuple[TrainConfig, dict]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from an_megatron.model import recompute
 from an_megatron.model.fp8 import fp8_autocast
 from an_megatron.optim.schedules import learning_rate
 from an_megatron.parallel import groups
@@ -335,7 +336,8 @@ class Trainer:
             f"training {c.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
             f"TP={c.tensor_model_parallel_size} PP={c.pipeline_model_parallel_size} DP={c.data_parallel_size} "
             f"ZeRO-{c.zero_stage} {'bf16' if c.bf16 else 'fp32'}, global batch {c.global_batch_size} "
-            f"(micro {c.micro_batch_size} x accumulation {c.gradient_accumulation_steps} x DP)"
+            f"(micro {c.micro_batch_size} x accumulation {c.gradient_accumulation_steps} x DP), "
+            f"{recompute.describe(self.config)}"
         )
         window = dict(losses=[], start=time.perf_counter(), iters=0)
         while self.iteration < c.train_iters:
