@@ -7,7 +7,8 @@ neighbouring multiplications, as each class's docstring derives, and ``Tap`` poi
 quantities of ANGPT.md for ``tools/measure_norms.py``. Tensors are
 ``(batch, seq, ...)``; under tensor parallelism a rank computes ``H / tp`` heads, ``f / tp``
 MLP units and ``V / tp`` logits, through megatron-core's parallel layers (``layers.py``).
-The model itself contains no process-group code.
+The model itself contains no process-group code; sequence parallelism is applied to a built
+model by ``parallel/sequence_parallel.py``.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ class Attention(nn.Module):
         self.tap_q, self.tap_k, self.tap_v, self.tap_heads, self.tap_out = Tap(), Tap(), Tap(), Tap(), Tap()
 
     def forward(self, h: torch.Tensor, position_ids=None, document_ids=None) -> torch.Tensor:
-        b, s, _ = h.shape
+        qkv = self.qkv(h)[0]
+        b, s, _ = qkv.shape  # the whole sequence (under sequence parallelism h holds a shard of it)
         nu_qkv, nu_o = self.factors.nu_qkv, self.factors.nu_o
-        q, k, v = self.qkv(h)[0].view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
+        q, k, v = qkv.view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
         self.tap_q(q, nu_qkv), self.tap_k(k, nu_qkv), self.tap_v(v, nu_qkv)
         q, k = self.qk_norm(apply_rope(q, self.rope_theta, position_ids), apply_rope(k, self.rope_theta, position_ids))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d_h) for the kernels
@@ -192,8 +194,9 @@ class Head(nn.Module):
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over unmasked tokens, from vocab-parallel logits."""
-    # megatron-core's vocab-parallel cross-entropy works in place on its input: give it a copy.
-    losses = vocab_parallel_cross_entropy(logits.float().clone(), labels)
+    # megatron-core's vocab-parallel cross-entropy works in place on its input and views it as
+    # (tokens, V / tp): give it a contiguous copy (the logits may be a transposed view).
+    losses = vocab_parallel_cross_entropy(logits.float().clone(memory_format=torch.contiguous_format), labels)
     if loss_mask is None:
         return losses.mean()
     loss_mask = loss_mask.float()
