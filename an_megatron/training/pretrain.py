@@ -79,6 +79,10 @@ class Trainer:
             from an_megatron.model import GPTModel
 
             model = GPTModel(self.config)
+        if cfg.sequence_parallel_on:
+            from an_megatron.parallel.sequence_parallel import apply_sequence_parallel
+
+            apply_sequence_parallel(model)
         model.to(self.device)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -334,7 +338,8 @@ class Trainer:
         c = self.cfg
         print_rank0(
             f"training {c.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
-            f"TP={c.tensor_model_parallel_size} PP={c.pipeline_model_parallel_size} DP={c.data_parallel_size} "
+            f"TP={c.tensor_model_parallel_size}{sequence_parallel_note(c)} PP={c.pipeline_model_parallel_size} "
+            f"DP={c.data_parallel_size} "
             f"ZeRO-{c.zero_stage} {'bf16' if c.bf16 else 'fp32'}, global batch {c.global_batch_size} "
             f"(micro {c.micro_batch_size} x accumulation {c.gradient_accumulation_steps} x DP), "
             f"{recompute.describe(self.config)}"
@@ -438,9 +443,24 @@ class Trainer:
         null = self.cfg.data.tokenizer_type == "NullTokenizer"
         ids = [self.tokenizer.eod] if null else self.tokenizer.tokenize(prompt)
         out = sample(
-            self.engine.module, ids, num_tokens, self.config.seq_length, self.tokenizer.vocab_size, seed=self.cfg.seed
+            self.engine.module,
+            ids,
+            num_tokens,
+            self.config.seq_length,
+            self.tokenizer.vocab_size,
+            seed=self.cfg.seed,
+            length_multiple=self.cfg.tensor_model_parallel_size if self.cfg.sequence_parallel_on else 1,
         )
         print_rank0(f"\n--- sample ---\n{self.tokenizer.detokenize(out)}\n--------------")
+
+
+def sequence_parallel_note(cfg: TrainConfig) -> str:
+    """What the start-up line says of ``--sequence-parallel`` (nothing without it)."""
+    if cfg.sequence_parallel_on:
+        return " (sequence parallel)"
+    if cfg.sequence_parallel:
+        return " (--sequence-parallel off: it needs TP > 1, as in Megatron-LM)"
+    return ""
 
 
 def _some(names: list[str]) -> str:
