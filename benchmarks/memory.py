@@ -37,6 +37,8 @@ CONFIGS = {
     # the issue's configuration
     "issue": dict(num_layers=8, hidden_size=256, num_attention_heads=4, seq_length=1024, micro_batch=8, vocab=16384),
     "small": dict(num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=512, micro_batch=4, vocab=8192),
+    # tests/test_memory_report.py
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, seq_length=256, micro_batch=4, vocab=2048),
 }
 # (name, granularity, method, num_layers)
 MODES = {
@@ -52,17 +54,6 @@ def _status_kib(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
 
 
-def recompute_of(mode: str):
-    from an_megatron.training.memory import Recompute
-
-    granularity, method, n = MODES[mode]
-    if granularity == "selective":
-        from an_megatron.training.memory import selective_terms
-
-        return Recompute("selective", selective_terms=selective_terms())
-    return Recompute(granularity, method, n)
-
-
 def child(config_name: str, mode: str, steps: int, repeats: int) -> dict:
     import torch
 
@@ -70,11 +61,15 @@ def child(config_name: str, mode: str, steps: int, repeats: int) -> dict:
     from an_megatron.model import GPTModel, ModelConfig
     from an_megatron.optim.optimizer import build_optimizer
     from an_megatron.parallel import initialize_parallel
-    from an_megatron.training.memory import activation_bytes
+    from an_megatron.training.memory import activation_bytes, recompute_from
 
     c = CONFIGS[config_name]
+    granularity, method, n = MODES[mode]
     initialize_parallel(1, 1)
     config = ModelConfig(
+        recompute_granularity=granularity,
+        recompute_method=method if granularity == "full" else None,
+        recompute_num_layers=n if granularity == "full" else None,
         num_layers=c["num_layers"],
         hidden_size=c["hidden_size"],
         num_attention_heads=c["num_attention_heads"],
@@ -82,11 +77,6 @@ def child(config_name: str, mode: str, steps: int, repeats: int) -> dict:
         vocab_size=c["vocab"],
     )
     model = GPTModel(config)
-    granularity, method, n = MODES[mode]
-    if granularity is not None:
-        from an_megatron.training.memory import apply_recompute
-
-        apply_recompute(model, granularity, method, n)
     hyper = argparse.Namespace(weight_decay=0.0, lr=1e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
     opt = build_optimizer(model, hyper)
     gen = torch.Generator().manual_seed(0)
@@ -115,7 +105,7 @@ def child(config_name: str, mode: str, steps: int, repeats: int) -> dict:
         for _ in range(steps):
             step()
         times.append((time.perf_counter() - t0) / steps * 1e3)
-    est = activation_bytes(config, b, recompute=recompute_of(mode))
+    est = activation_bytes(config, b, recompute=recompute_from(config))
     return dict(
         config=config_name,
         mode=mode,
@@ -124,8 +114,8 @@ def child(config_name: str, mode: str, steps: int, repeats: int) -> dict:
         estimated_stored=est.stored,
         before=before,
         ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        ms_per_step=statistics.median(times),
-        ms_range=(min(times), max(times)),
+        ms_per_step=statistics.median(times) if times else None,
+        ms_range=(min(times), max(times)) if times else None,
         threads=torch.get_num_threads(),
     )
 

@@ -25,6 +25,7 @@ from an_megatron.training.memory import (
     block_terms,
     model_state_bytes,
     parameter_count,
+    recompute_from,
     report_lines,
 )
 
@@ -70,6 +71,7 @@ def _batch(documents: bool):
 
 
 def _measure(config, documents=False, bf16=False):
+    """Saved bytes of one forward pass of ``config``'s model, and the model."""
     model = GPTModel(config)
     if bf16:
         model = model.bfloat16()
@@ -115,7 +117,7 @@ def test_activation_formula_matches_saved_tensors(arch, documents, kw):
 def test_angpt_block_is_31_sbh_plus_the_weight_copy():
     terms = block_terms(_config(), B)
     sbh = 4 * S * B * D
-    big = {k: v for k, v in terms.items() if k not in ("per_token_stats", "up_gate_weight_copy")}
+    big = {k: v for k, v in terms.items() if k not in ("attention_stats", "norm_stats", "up_gate_weight_copy")}
     assert sum(big.values()) == 31 * sbh
     assert terms["up_gate_weight_copy"] == 4 * 2 * (4 * D) * D
     assert terms["document_mask"] == 0
@@ -130,44 +132,84 @@ def test_bf16_activations(arch):
     assert activation_bytes(config, B, bf16=True).stored == pytest.approx(measured, rel=RTOL)
 
 
-def test_full_recompute_keeps_chunk_inputs():
+def _recompute_config(arch, granularity, method=None, n=None, layers=3):
+    return _config(arch, layers, recompute_granularity=granularity, recompute_method=method, recompute_num_layers=n)
+
+
+@pytest.mark.parametrize("arch", ["angpt", "ngpt", "gptplus"])
+@pytest.mark.parametrize("documents", [False, True])
+def test_selective_recompute_drops_its_terms(arch, documents):
+    """What torch's checkpoint keeps (the parts' inputs: the qkv output, the u; z output) reaches
+    the hooks too: the count is what stays alive."""
+    config = _recompute_config(arch, "selective")
+    measured, _ = _measure(config, documents)
+    estimate = activation_bytes(config, B, document_mask=documents, recompute=recompute_from(config)).stored
+    assert estimate == pytest.approx(measured, rel=RTOL)
+    plain = activation_bytes(_recompute_config(arch, None), B, document_mask=documents).stored
+    assert estimate < 0.8 * plain
+
+
+@pytest.mark.parametrize("method, n", [("uniform", 1), ("uniform", 2), ("block", 2)])
+def test_full_recompute_keeps_chunk_inputs(method, n):
+    """Kept: each recomputed chunk's input (one ``sbh``), the blocks not recomputed, the head."""
+    config = _recompute_config("angpt", "full", method, n)
+    measured, _ = _measure(config)
+    recompute = recompute_from(config)
+    assert recompute == Recompute("full", method, n)
+    estimate = activation_bytes(config, B, recompute=recompute).stored
+    assert estimate == pytest.approx(measured, rel=RTOL)
+
+
+def test_full_recompute_peak_is_the_larger_phase():
     config = _config("angpt", 4)
     none = activation_bytes(config, B)
     block = sum(none.block.values())
-    edges = none.stored - 4 * block
-    sbh = 4 * S * B * D
     uniform2 = activation_bytes(config, B, recompute=Recompute("full", "uniform", 2))
-    assert uniform2.stored == edges + 2 * sbh
-    assert uniform2.peak == max(uniform2.stored + (none.peak - none.stored), uniform2.stored + 2 * block)
-    by_block = activation_bytes(config, B, recompute=Recompute("full", "block", 3))
-    assert by_block.stored == edges + 3 * sbh + block
+    sbh = 4 * S * B * D
+    assert none.stored - uniform2.stored == 4 * block - 2 * sbh
+    end_of_forward = uniform2.stored + (none.peak - none.stored)
+    assert uniform2.peak >= end_of_forward
+    assert uniform2.peak < none.peak
 
 
 def test_tensor_and_sequence_parallel_split():
     one, two = block_terms(_config(), B), block_terms(_config(tp=2), B)
     two_sp = block_terms(_config(tp=2), B, sequence_parallel=True)
-    for name in ("qkv_output", "qk_norm", "attention_output", "mlp", "up_gate_weight_copy"):
+    for name in ("qkv_output", "qk_norm_inner", "qk_scaled", "attention_output", "up_gate_output", "silu"):
         assert two[name] * 2 == one[name] == two_sp[name] * 2
-    for name in ("residual_stream", "residual_updates"):
-        assert two[name] == one[name] == two_sp[name] * 2
+    assert two["residual_updates"] == one["residual_updates"] == two_sp["residual_updates"] * 2
+    # megatron-core's column-parallel matmuls keep the gathered input; anGPT's residual update
+    # keeps the shard of the stream besides it
+    assert two["matmul_inputs"] == one["matmul_inputs"] == two_sp["matmul_inputs"]
+    assert one["residual_stream"] == two["residual_stream"] == 0 < two_sp["residual_stream"]
 
 
 def _tp2_counts():
+    """Per architecture, this TP=2 rank's saved bytes with document masking, without and with
+    sequence parallelism, and its parameter count."""
     from an_megatron.parallel import initialize_parallel
+    from an_megatron.parallel.sequence_parallel import apply_sequence_parallel
 
     initialize_parallel(2, 1)
-    config = _config("angpt", 2, tp=2)
-    measured, model = _measure(config, documents=True)
-    return measured, sum(p.numel() for p in model.parameters())
+    out = {}
+    for arch in ("angpt", "ngpt", "gptplus"):
+        config = _config(arch, 2, tp=2)
+        measured, model = _measure(config, documents=True)
+        out[arch, False] = measured
+        out[arch, True] = saved_bytes(apply_sequence_parallel(model), *_batch(True))
+        out[arch, "params"] = sum(p.numel() for p in model.parameters())
+    return out
 
 
 @pytest.mark.timeout(300)
-def test_tensor_parallel_rank_share():
-    config = _config("angpt", 2, tp=2)
-    estimate = activation_bytes(config, B, document_mask=True).stored
-    for measured, params in run_distributed(_tp2_counts, 2, timeout=240):
-        assert estimate == pytest.approx(measured, rel=RTOL)
-        assert params == parameter_count(config)
+def test_tensor_and_sequence_parallel_rank_share():
+    for rank in run_distributed(_tp2_counts, 2, timeout=240):
+        for arch in ("angpt", "ngpt", "gptplus"):
+            config = _config(arch, 2, tp=2)
+            for sp in (False, True):
+                estimate = activation_bytes(config, B, document_mask=True, sequence_parallel=sp).stored
+                assert estimate == pytest.approx(rank[arch, sp], rel=RTOL), (arch, sp)
+            assert rank[arch, "params"] == parameter_count(config)
 
 
 def _pp2_params():

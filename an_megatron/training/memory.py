@@ -94,14 +94,17 @@ from an_megatron.model.config import ModelConfig
 
 GIB = 1024**3
 
-# Bytes per element of the residual stream that a pre-norm saves besides its input (``w``: the
-# activation width; fp32 for what the norm computes in fp32 under bf16), and whether it saves
-# its input as an fp32 copy (torch's RMSNorm upcasts a bf16 input and saves the copy); and the
-# elements per token saved by each residual update, by the component the spec names (module
-# docstring). A component missing here has no formula.
-PRE_NORM_SAVED = {components.no_op: lambda w: 0, components.hidden_rmsnorm: lambda w: 4 + w}
-PRE_NORM_UPCASTS = {components.no_op: False, components.hidden_rmsnorm: True}
+# What the pre-norm and the residual update the spec names save besides the matmuls' inputs
+# (module docstring); a component missing here has no formula. A pre-norm (torch's RMSNorm)
+# saves its input, upcast to fp32 under bf16, and the normalized value in fp32; a residual
+# update saves this many ``sbh`` of its own and whether it saves the stream ``h`` it updates.
+PRE_NORMS = {components.no_op: False, components.hidden_rmsnorm: True}
 RESIDUAL_SAVED = {components.ScaledLerpResidual: 1, components.SphereResidual: 3, components.AddResidual: 0}
+RESIDUAL_SAVES_STREAM = {
+    components.ScaledLerpResidual: True,
+    components.SphereResidual: True,
+    components.AddResidual: False,
+}
 # Per-token norms (``sb`` elements; fp32 for the RMSNorms) each pre-norm and residual update saves.
 PRE_NORM_STATS = {components.no_op: 0, components.hidden_rmsnorm: 1}
 RESIDUAL_STATS = {components.ScaledLerpResidual: 0, components.SphereResidual: 2, components.AddResidual: 0}
@@ -211,7 +214,7 @@ def block_terms(
         config.num_attention_heads,
     )
     for table, component, place in (
-        (PRE_NORM_SAVED, spec.pre_norm, "pre_norm"),
+        (PRE_NORMS, spec.pre_norm, "pre_norm"),
         (RESIDUAL_SAVED, spec.residual, "residual"),
     ):
         if component not in table:
@@ -224,23 +227,35 @@ def block_terms(
     factors = spec.factors(config)
     factor_applied = factors.nu_att != "none" or factors.nu_qkv * factors.nu_o != 1.0
     gate_scaled = spec.gate_scales(config).row_scale() is not None
-    stream = 4 if PRE_NORM_UPCASTS[spec.pre_norm] else w  # how the residual stream is saved
+    if PRE_NORMS[spec.pre_norm]:  # the norm keeps the stream (fp32) and its normalized value
+        stream, normalized = 2 * 4 * sbh / seq_split, 2 * 4 * sbh / seq_split
+    else:  # the residual update keeps the stream: the matmul's input itself, unless it gathered it
+        stream = 2 * w * sbh / t if sequence_parallel and RESIDUAL_SAVES_STREAM[spec.residual] else 0
+        normalized = 0
     return {
-        "residual_stream": 2 * stream * sbh / seq_split,
-        "pre_norms": 2 * PRE_NORM_SAVED[spec.pre_norm](w) * sbh / seq_split,
+        # the qkv and u; z matmuls' inputs: whole sequences (gathered under sequence parallelism)
+        "matmul_inputs": 2 * w * sbh,
+        "residual_stream": stream,
+        "pre_norms": normalized,
         "residual_updates": 2 * RESIDUAL_SAVED[spec.residual] * w * sbh / seq_split,
         "qkv_output": 3 * w * sbh / t,
-        # q and k: RoPE's output (kept by the norm in fp32), the normalized and the scaled value
-        "qk_norm": 2 * (4 + 2 * w) * sbh / t,
+        # q and k: RoPE's output (kept by the norm in fp32) and the normalized value; the scaled
+        # value, which the attention kernel saves
+        "qk_norm_inner": 2 * (4 + w) * sbh / t,
+        "qk_scaled": 2 * w * sbh / t,
+        # the kernel's output when the attention factor multiplies it; the proj's input either way
+        "attention_kernel_output": w * sbh / t if factor_applied else 0,
         "attention_output": w * sbh / t,
-        "attention_factor": w * sbh / t if factor_applied else 0,
-        "mlp": 4 * w * s * b * f / t,
+        "up_gate_output": 2 * w * s * b * f / t,
+        "silu": w * s * b * f / t,
+        "swiglu_output": w * s * b * f / t,
         "up_gate_weight_copy": 2 * w * f * d / t if gate_scaled else 0,
-        "per_token_stats": (
-            3 * 4 * s * b * a / t  # the QK norms' reciprocal RMS and the log-sum-exp, fp32
+        # the QK norms' reciprocal RMS and the log-sum-exp (fp32), the attention factor
+        "attention_stats": (
+            3 * 4 * s * b * a / t
             + (w * s * b * a / t if factors.nu_att == "exact" else w * s * a / t if factor_applied else 0)
-            + 2 * (4 * PRE_NORM_STATS[spec.pre_norm] + w * RESIDUAL_STATS[spec.residual]) * s * b / seq_split
         ),
+        "norm_stats": 2 * (4 * PRE_NORM_STATS[spec.pre_norm] + w * RESIDUAL_STATS[spec.residual]) * s * b / seq_split,
         "document_mask": w * b * s * s if document_mask and not varlen_attention else 0,
     }
 
@@ -266,39 +281,44 @@ def activation_bytes(
     n_blocks = stage_blocks(config.num_layers, pp, stage)
     block_input = s * b * d * width / seq_split
 
-    edges, loss = 0.0, 0.0
+    ids, head, loss = 0.0, 0.0, 0.0
     if stage == 0:
-        edges += 8 * s * b  # token ids
+        ids = 8 * s * b  # token ids
     if stage == pp - 1:
         spec = config.spec
         final_norm = spec.final_norm
-        head_input = 4 if PRE_NORM_UPCASTS.get(final_norm) else width
-        edges += s * b * d / seq_split * (head_input + PRE_NORM_SAVED.get(final_norm, lambda w: 0)(width))
-        edges += 4 * s * b * PRE_NORM_STATS.get(final_norm, 0) / seq_split
-        edges += V * d * width / t if spec.logit_scale(config).row_scale() is not None else 0
-        edges += 4 * s * b * V / t + 9 * s * b  # the softmax (fp32), the targets and their mask
+        head += s * b * d * width  # W_out's input, the whole sequence
+        head += 2 * 4 * s * b * d / seq_split if PRE_NORMS.get(final_norm) else 0  # the norm's input, normalized
+        head += 4 * s * b * PRE_NORM_STATS.get(final_norm, 0) / seq_split
+        head += V * d * width / t if spec.logit_scale(config).row_scale() is not None else 0
+        head += 4 * s * b * V / t + 9 * s * b  # the softmax (fp32), the targets and their mask
         # beside the saved softmax, at the end of the forward pass: the logits, and under bf16
         # their fp32 cast
         loss = s * b * V / t * (width + (4 if bf16 else 0))
 
+    recomputed = 0.0  # what the backward of the last block (or chunk) computes again
     if recompute.granularity == "full":
         n = min(max(1, recompute.num_layers), n_blocks) if n_blocks else 0
         if recompute.method == "block":
-            stored = n * block_input + (n_blocks - n) * block
-            chunk = block
+            kept = n * block_input + (n_blocks - n) * block
+            recomputed = block if n == n_blocks else 0  # the last block is recomputed only if all are
         else:
-            stored = math.ceil(n_blocks / n) * block_input if n else 0
-            chunk = n * block
-        stored += edges
-        peak = max(stored + loss, stored + chunk)
+            kept = math.ceil(n_blocks / n) * block_input if n else 0
+            recomputed = n * block  # a whole chunk (the last one may be shorter; an earlier one is not)
     else:
         if recompute.granularity == "selective":
             unknown = set(recompute.selective_terms) - set(terms)
             if unknown:
                 raise NoFormula(f"selective recomputation of unknown terms {sorted(unknown)}")
-            block -= sum(terms[name] for name in recompute.selective_terms)
-        stored = n_blocks * block + edges
-        peak = stored + loss
+            dropped = sum(terms[name] for name in recompute.selective_terms)
+            block -= dropped
+            recomputed = dropped if n_blocks else 0
+        kept = n_blocks * block
+    stored = ids + kept + head
+    # The backward of the last block (chunk): the head's tensors are freed, what it recomputes is
+    # alive again, beside the gradient reaching it and the gradient of its fused u; z output.
+    transient = width * (s * b * d / seq_split + 2 * s * b * config.ffn_hidden_size / t) if n_blocks else 0
+    peak = max(stored + loss, ids + kept + recomputed + transient)
     in_flight = min(pp - stage, micro_batches) if pp > 1 else 1
     return Activations(block=terms, stored=int(stored), peak=int(peak), in_flight=in_flight)
 
@@ -311,23 +331,40 @@ def gib(n: float) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
+# The block terms each part that selective recomputation can recompute (``model/recompute.py``'s
+# PARTS) stops keeping: what is saved inside the part, not its inputs (kept to recompute it) nor
+# its output (saved by the next operation). The attention core runs from the qkv output (whose
+# storage stays: it is the input) to the proj's input; the SwiGLU product from ``u; z`` to the
+# product.
+SELECTIVE_PART_TERMS = {
+    "attention_core": ("qk_norm_inner", "qk_scaled", "attention_kernel_output", "attention_stats", "document_mask"),
+    "rope_qk_norm": ("qk_norm_inner",),
+    "swiglu": ("silu",),
+}
+
+
 def selective_terms() -> tuple[str, ...]:
-    """The block terms selective recomputation drops, from the recompute module's list of what
-    it recomputes; NoFormula where this build has no selective recomputation."""
-    raise NoFormula("selective recomputation is not available in this build")
+    """The block terms selective recomputation drops, from the recompute module's list of what it
+    recomputes (``SELECTIVE_RECOMPUTE``); NoFormula for a part without a row above."""
+    try:
+        from an_megatron.model.recompute import SELECTIVE_RECOMPUTE
+    except ImportError:
+        raise NoFormula("selective recomputation is not available in this build") from None
+    missing = [part for part in SELECTIVE_RECOMPUTE if part not in SELECTIVE_PART_TERMS]
+    if missing:
+        raise NoFormula(f"no activation formula for selective recomputation of {', '.join(missing)}")
+    return tuple(term for part in SELECTIVE_RECOMPUTE for term in SELECTIVE_PART_TERMS[part])
 
 
-def recompute_from(cfg) -> Recompute:
-    """The recomputation a training config asks for (``--recompute-*``; none without the flags)."""
-    granularity = getattr(cfg, "recompute_granularity", None)
-    if granularity is None and getattr(cfg, "recompute_activations", False):
-        granularity = "selective"
+def recompute_from(config) -> Recompute:
+    """The recomputation a ``ModelConfig`` asks for (``--recompute-*``; none in a build without
+    the fields)."""
+    granularity = getattr(config, "recompute_granularity", None)
     if granularity == "selective":
         return Recompute("selective", selective_terms=selective_terms())
     if granularity == "full":
-        return Recompute(
-            "full", getattr(cfg, "recompute_method", None) or "uniform", getattr(cfg, "recompute_num_layers", None) or 1
-        )
+        method = getattr(config, "recompute_method", None) or "uniform"
+        return Recompute("full", method, getattr(config, "recompute_num_layers", None) or 1)
     return Recompute()
 
 

@@ -136,8 +136,8 @@ class Trainer:
                 pp=c.pipeline_model_parallel_size,
                 stage=groups.pp_rank(),
                 micro_batches=c.gradient_accumulation_steps,
-                recompute=recompute_from(c),
-                sequence_parallel=getattr(c, "sequence_parallel", False),
+                recompute=recompute_from(self.config),
+                sequence_parallel=getattr(c, "sequence_parallel_on", False),
                 document_mask=c.data.reset_attention_mask,
                 varlen_attention=self.device.type == "cuda" and c.bf16,
             )
