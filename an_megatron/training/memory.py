@@ -24,64 +24,77 @@ communication buckets and the fp32 gradient partition it makes during the step.
 Activations
 -----------
 Counted by what autograd saves for backward in one micro-batch (``b`` sequences of ``s``
-tokens, hidden size ``h``, ``a`` heads, MLP width ``f``, padded vocabulary ``V``), in elements of
-the activation dtype (fp32, or bf16 under ``--bf16``); a tensor saved by several operations, or
-a view saved by one of them, is counted once by its storage. Per block, without recomputation:
+tokens, hidden size ``h``, ``a`` heads, MLP width ``f``, padded vocabulary ``V``, tensor-parallel
+size ``t``); ``w`` is the activation width (4 bytes in fp32, 2 under ``--bf16``). A tensor saved
+by several operations, or a view saved by one of them, is counted once, by its storage. Per
+block, without recomputation (``block_terms``, bytes):
 
-- the residual stream, ``2 sbh``: the block's input and the state after the attention update,
-  each saved by the first operation that reads it (the QKV matmul or the pre-norm; the MLP);
-- the pre-norms (GPT+'s RMSNorm): ``2 sbh`` each, the normalized input (for the gain's
-  gradient) and the output (the matmul's input);
-- the QKV output, ``3 sbh / t``: ``v`` is a view of it and the attention kernel saves ``v``,
+- ``matmul_inputs``, ``2 w sbh``: the inputs of the two column-parallel matmuls (QKV and
+  ``u; z``), whole sequences on every tensor-parallel rank (megatron-core keeps the gathered
+  input under sequence parallelism too);
+- ``residual_stream``, ``pre_norms``: a pre-norm (GPT+'s RMSNorm) keeps the stream it
+  normalizes and the normalized value, both fp32 (torch upcasts a bf16 input), ``2 x 8 sbh``
+  per block; without pre-norms the stream is the matmul's input, except under sequence
+  parallelism, where anGPT's and nGPT's residual updates keep their shard of it, ``2 w sbh / t``;
+- ``residual_updates``: anGPT's ``nu (1 - alpha) h + nu alpha x`` keeps the update ``x``
+  (``w sbh`` each), nGPT's ``Norm(h + alpha (Norm(x) - h))`` keeps ``x``, ``Norm(x)`` and the
+  lerp (``3 w sbh`` each), GPT+'s ``h + x`` nothing;
+- ``qkv_output``, ``3 w sbh / t``: ``v`` is a view of it and the attention kernel saves ``v``,
   so the whole fused output stays alive;
-- the QK path, ``6 sbh / t``: for ``q`` and for ``k``, RoPE's output (saved by the norm), the
-  normalized value (saved by the gain's product) and the scaled one (saved by the kernel);
-- the attention output, ``sbh / t`` (out and its log-sum-exp: the fused kernels of torch on CPU
-  and CUDA keep O(s) memory, no ``s x s`` matrix), and, where the attention factor multiplies
-  it (anGPT's ``nu_att nu_qkv nu_o``), its product, another ``sbh / t`` that ``W_o`` saves;
-- the MLP, ``4 sbf / t``: the fused ``u; z`` output (``2 sbf``), ``SiLU(z)`` and the product;
-- the residual updates: anGPT's ``nu (1 - alpha) h + nu alpha x`` saves the update ``x``
-  (``sbh`` each), nGPT's ``Norm(h + alpha (Norm(x) - h))`` saves ``x``, ``Norm(x)`` and the
-  lerp (``3 sbh`` each), GPT+'s ``h + x`` nothing;
-- the row-scaled weight copy: where a per-channel scale multiplies ``W_u; W_z``'s rows
-  (``layers.row_scaled``), autograd holds the scaled copy, ``2 f h / t`` (no ``b``, no ``s``);
-- per token and head: the QK norms' two reciprocal RMS values and the log-sum-exp
-  (``3 sba / t``; the latter fp32), the attention factor per query and head, the norms of
-  nGPT's two normalizations per update and of GPT+'s RMSNorms (``sb`` each);
-- with document masking (``--reset-attention-mask``) the additive mask ``(b, 1, s, s)`` that
-  the kernel saves, ``b s^2`` per block, on every tensor-parallel rank; not on CUDA in bf16,
+- ``qk_norm_inner``, ``qk_scaled``: for ``q`` and for ``k``, RoPE's output (kept by the norm,
+  in fp32), the normalized value (kept by the gain's product) and the scaled one (kept by the
+  kernel): ``2 (4 + 2 w) sbh / t``;
+- ``attention_output``, ``w sbh / t``: the proj's input, the kernel's output itself for nGPT
+  and GPT+; where anGPT's factor ``nu_att nu_qkv nu_o`` multiplies it, the kernel's output is
+  another ``w sbh / t`` (``attention_kernel_output``). The fused kernels of torch on CPU and
+  CUDA keep O(s) memory (output and log-sum-exp): there is no ``s x s`` matrix;
+- ``up_gate_output``, ``silu``, ``swiglu_output``: the fused ``u; z`` (``2 w sbf / t``),
+  ``SiLU(z)`` and the product (``w sbf / t`` each);
+- ``up_gate_weight_copy``: where a per-channel scale multiplies ``W_u; W_z``'s rows
+  (``layers.row_scaled``), autograd holds the scaled copy, ``2 w f h / t`` (no ``b``, no ``s``);
+- ``attention_stats``, ``norm_stats``: per token and head, the QK norms' two reciprocal RMS
+  values and the log-sum-exp (fp32, ``12 sba / t``) and the attention factor; per token, the
+  norms of nGPT's normalizations and GPT+'s RMSNorms;
+- ``document_mask``: with ``--reset-attention-mask``, the additive mask ``(b, 1, s, s)`` the
+  kernel saves, ``w b s^2`` per block on every tensor-parallel rank; none on CUDA in bf16,
   where the variable-length kernel needs no mask.
 
-So anGPT holds ``15 sbh + 4 sbf / t``-ish terms per block at ``t = 1``: with ``f = 4h``,
-``31 sbh + 8 h^2`` elements (nGPT ``34 sbh + 8 h^2``, GPT+ ``32 sbh``), against Megatron's
-``34 sbh`` bytes in fp16 for GPT with dropout and ``5 a s^2 b`` bytes for the attention matrix:
-no dropout masks and no ``s x s`` matrix here, but the QK normalization keeps six copies of
-``q`` and ``k``. Outside the blocks: the token ids (``8 sb`` bytes), the head's input ``sbh``
-(and GPT+'s final norm, ``2 sbh``), the scaled ``W_out`` copy ``V h / t`` (anGPT and nGPT's
-``s_z``), and the loss: megatron-core's vocab-parallel cross-entropy works in place on a copy of
-the logits and saves the softmax, ``4 sbV / t`` bytes in fp32 whatever the model's dtype, plus a
-mask and the targets (``9 sb`` bytes). The peak of a step adds what is alive at the end of the
-forward pass beside the saved tensors: the logits next to their fp32 copy (``sbV / t`` in the
-activation dtype, plus the fp32 cast's ``4 sbV / t`` bytes under bf16).
+With ``f = 4h``, ``t = 1``, fp32: anGPT keeps ``31 sbh`` elements per block plus ``8 h^2`` (the
+weight copy), nGPT ``34 sbh + 8 h^2``, GPT+ ``32 sbh``; under bf16 anGPT keeps ``66 sbh`` bytes.
+Megatron's ``sbh (34 + 5 a s / h)`` bytes (fp16) are for GPT with dropout masks and the
+attention matrix: here there is neither, but the QK normalization keeps six copies of ``q`` and
+``k``. Outside the blocks: the token ids (``8 sb`` bytes); the head's input ``w sbh`` (and GPT+'s
+final norm, ``8 sbh / seq_split``); the scaled ``W_out`` copy ``w V h / t`` (anGPT's and nGPT's
+``s_z``); the loss: megatron-core's vocab-parallel cross-entropy works in place on a copy of the
+logits and saves the softmax, ``4 sbV / t`` bytes in fp32 whatever ``w``, with the targets and
+their mask (``9 sb`` bytes).
 
-Tensor and sequence parallelism: without ``--sequence-parallel`` the residual stream, the
-norms and the residual updates are whole on every tensor-parallel rank; with it they are split
-along the sequence (``/ t``), the column-parallel matmuls saving their sequence-split input and
-gathering it again in backward, as in Megatron.
+Sequence parallelism splits what lives outside the tensor-parallel matmuls along the sequence
+(``seq_split = t``): the residual updates, the norms and the shards of the stream.
 
-Recomputation (``--recompute-granularity``):
+The peak of a step (``Activations.peak``) is the larger of two moments: the end of the forward
+pass (everything stored, plus the logits beside their fp32 copy: ``w sbV / t``, and ``4 sbV / t``
+more under bf16 for the cast) and the backward of the last block (the head's tensors freed;
+what that block recomputes alive again; the gradient reaching it and the gradient of its
+``u; z`` output, ``w (sbh + 2 sbf / t)``).
 
-- ``full``: a recomputed chunk keeps only its input, ``sbh`` (``/ t`` with sequence
-  parallelism); ``uniform`` makes chunks of ``--recompute-num-layers`` blocks of this stage
-  (one input each), ``block`` recomputes the first ``--recompute-num-layers`` blocks one by one
-  and stores the others whole. During backward one chunk's blocks are alive again. The peak is
-  the larger of the end of the forward pass (kept inputs, stored blocks, head and loss) and the
-  recomputation of one chunk (kept inputs, stored blocks, that chunk's blocks);
-- ``selective``: each block drops the terms named in the recompute module's list of what
-  selective recomputation recomputes (``SELECTIVE_TERMS`` maps them to the terms above).
+Recomputation (``ModelConfig.recompute_*``, ``model/recompute.py``):
+
+- ``full``: a recomputed chunk keeps only its input, ``w sbh / seq_split``; ``uniform`` makes
+  chunks of ``recompute_num_layers`` blocks of this stage, ``block`` recomputes the first
+  ``recompute_num_layers`` blocks one by one and stores the others whole. The backward of a
+  chunk holds its blocks' activations again;
+- ``selective``: every block stops keeping what is saved inside the parts
+  ``SELECTIVE_RECOMPUTE`` names (``SELECTIVE_PART_TERMS``): the attention core keeps its input
+  (the QKV output) and its output (the proj's input) and drops the QK path, the kernel's own
+  output and statistics and the document mask; the SwiGLU product drops ``SiLU(z)``.
 
 Pipeline parallelism: DeepSpeed's schedule has ``min(p - stage, micro-batches per step)``
-micro-batches in flight on a stage, each holding its activations.
+micro-batches in flight on a stage, each holding its stored activations.
+
+``tests/test_memory_report.py`` checks every mode against the storages autograd saves
+(``torch.autograd.graph.saved_tensors_hooks``; torch's checkpoint keeps its inputs through the
+same hooks), and ``benchmarks/memory.py`` the peak against the resident set of a CPU step.
 """
 
 from __future__ import annotations
