@@ -150,6 +150,18 @@ TRAIN = {
     "pp-0": R(["--pipeline-model-parallel-size", "0"], "argument --pipeline-model-parallel-size: expected an"),
     "pp-above-layers": R(["--pipeline-model-parallel-size", "4"], "--pipeline-model-parallel-size 4 is more than"),
     "pp-world": R(["--pipeline-model-parallel-size", "2"], "world size 1 is not divisible by"),
+    "sequence-parallel-seq-length": R(
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33"],
+        "--sequence-parallel: --seq-length 33 is not divisible by --tensor-model-parallel-size 2",
+    ),
+    "sequence-parallel-fp8-torch": R(
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--fp8-format", "e4m3", "--fp8-backend", "torch"],
+        "--sequence-parallel with --fp8-backend torch: its linears do not support sequence parallelism",
+    ),
+    "sequence-parallel-te": R(
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--transformer-impl", "transformer_engine"],
+        "--sequence-parallel with --transformer-impl transformer_engine: not supported",
+    ),
     # checkpointing, evaluation, logging
     "save-interval-0": R(["--save-interval", "0"], "argument --save-interval: expected an integer >= 1, got '0'"),
     "save-interval-without-save": R(["--save-interval", "5"], "--save-interval needs --save DIR"),

@@ -7,7 +7,8 @@ neighbouring multiplications, as each class's docstring derives, and ``Tap`` poi
 quantities of ANGPT.md for ``tools/measure_norms.py``. Tensors are
 ``(batch, seq, ...)``; under tensor parallelism a rank computes ``H / tp`` heads, ``f / tp``
 MLP units and ``V / tp`` logits, through megatron-core's parallel layers (``layers.py``).
-The model itself contains no process-group code.
+The model itself contains no process-group code; sequence parallelism is applied to a built
+model by ``parallel/sequence_parallel.py``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Attention(nn.Module):
     def _core(self, qkv: torch.Tensor, position_ids, document_ids) -> torch.Tensor:
         """From the qkv matmul's output ``(b, s, 3 d / tp)`` to the proj's input ``(b, s, d / tp)``:
         RoPE, QK-norm, attention and the folded factors (what selective recomputation can redo)."""
-        b, s, _ = qkv.shape
+        b, s, _ = qkv.shape  # the whole sequence (under sequence parallelism h holds a shard of it)
         nu_qkv, nu_o = self.factors.nu_qkv, self.factors.nu_o
         q, k, v = qkv.view(b, s, 3, self.local_heads, self.head_dim).unbind(2)
         self.tap_q(q, nu_qkv), self.tap_k(k, nu_qkv), self.tap_v(v, nu_qkv)
@@ -209,8 +210,9 @@ class Head(nn.Module):
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over unmasked tokens, from vocab-parallel logits."""
-    # megatron-core's vocab-parallel cross-entropy works in place on its input: give it a copy.
-    losses = vocab_parallel_cross_entropy(logits.float().clone(), labels)
+    # megatron-core's vocab-parallel cross-entropy works in place on its input and views it as
+    # (tokens, V / tp): give it a contiguous copy (the logits may be a transposed view).
+    losses = vocab_parallel_cross_entropy(logits.float().clone(memory_format=torch.contiguous_format), labels)
     if loss_mask is None:
         return losses.mean()
     loss_mask = loss_mask.float()

@@ -120,6 +120,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="split the activations outside the tensor-parallel matmuls (norms, residuals) along the sequence over "
+        "the TP ranks; off at TP=1, as in Megatron-LM",
+    )
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g = parser.add_argument_group("checkpointing, evaluation and logging")
     g.add_argument(
@@ -174,6 +180,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         type=positive_float,
         default=None,
         help="dense bf16 peak per device for MFU (default: known GPUs; none on CPU)",
+    )
+    g.add_argument(
+        "--report-memory",
+        action="store_true",
+        help="before the first step, print each rank's estimated memory: weights, gradients, optimizer state and "
+        "activations per micro-batch (training/memory.py)",
     )
     g.add_argument(
         "--generate-tokens",
@@ -375,6 +387,7 @@ def check_flags(args) -> None:
             f"--pipeline-model-parallel-size {pp} is more than --num-layers {args.num_layers} (one block per stage "
             f"at least)"
         )
+    check_sequence_parallel(args)
     # The model's shapes (heads, ffn and vocabulary against the TP size, ...), before anything
     # starts: the padded vocabulary is a multiple of the TP size, so any multiple stands for it.
     try:
@@ -407,6 +420,34 @@ def check_recompute_per_stage(args) -> None:
         )
 
 
+def check_sequence_parallel(args) -> None:
+    """``--sequence-parallel`` with TP > 1: what its layers cannot do is refused (at TP=1 it is
+    off, as in Megatron-LM, and nothing is checked)."""
+    tp = args.tensor_model_parallel_size
+    if not args.sequence_parallel or tp == 1:
+        return
+    if args.seq_length % tp:
+        raise ConfigError(
+            f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
+            f"--tensor-model-parallel-size {tp} (each rank holds an equal part of the sequence)"
+        )
+    if args.transformer_impl == "transformer_engine":
+        raise ConfigError(
+            "--sequence-parallel with --transformer-impl transformer_engine: not supported (sequence parallelism is "
+            "applied to megatron-core's local linears of a built model; Transformer Engine's linears take it only "
+            "when they are constructed)"
+        )
+    try:  # the FP8 backend as the model resolves it (the model's own check reports bad FP8 flags)
+        config = ModelConfig(**model_config_kwargs(args), vocab_size=args.make_vocab_size_divisible_by * tp)
+    except ValueError:
+        return
+    if config.fp8 and config.fp8_backend == "torch":
+        raise ConfigError(
+            "--sequence-parallel with --fp8-backend torch: its linears do not support sequence parallelism "
+            "(drop one of them)"
+        )
+
+
 def parse_args(argv=None, world_size: int | None = None) -> tuple[TrainConfig, dict]:
     """Parse flags, apply per-architecture defaults, reconcile with ds.json.
 
@@ -433,5 +474,13 @@ def parse_args(argv=None, world_size: int | None = None) -> tuple[TrainConfig, d
                 f"--tensorboard-dir {args.tensorboard_dir}: the tensorboard package is not installed "
                 "(pip install tensorboard)"
             ) from None
-    ds, settled = reconcile_ds_config(args, load_ds_config(args), world_size, explicit_flags)
+    ds = load_ds_config(args)
+    if args.sequence_parallel and args.tensor_model_parallel_size > 1 and args.pipeline_model_parallel_size > 1:
+        from an_megatron.parallel.sequence_parallel import pipeline_ds_config
+
+        try:
+            ds = pipeline_ds_config(ds)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    ds, settled = reconcile_ds_config(args, ds, world_size, explicit_flags)
     return train_config(args, settled), ds

@@ -45,6 +45,7 @@ class TrainConfig:
     # parallelism
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # as given; at TP=1 it is off (``sequence_parallel_on``)
     # checkpointing, evaluation and logging
     save: str | None = None
     overwrite_save: bool = False
@@ -62,6 +63,7 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     peak_tflops: float | None = None
     generate_tokens: int = 0
+    report_memory: bool = False
     deepspeed_config: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     # ModelConfig's fields but vocab_size (read-only mapping)
@@ -70,6 +72,11 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.model, MappingProxyType):
             object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
+
+    @property
+    def sequence_parallel_on(self) -> bool:
+        """``--sequence-parallel`` in effect: it needs TP > 1 (Megatron-LM turns it off at TP=1)."""
+        return self.sequence_parallel and self.tensor_model_parallel_size > 1
 
     @property
     def seq_length(self) -> int:

@@ -79,6 +79,10 @@ class Trainer:
             from an_megatron.model import GPTModel
 
             model = GPTModel(self.config)
+        if cfg.sequence_parallel_on:
+            from an_megatron.parallel.sequence_parallel import apply_sequence_parallel
+
+            apply_sequence_parallel(model)
         model.to(self.device)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -88,6 +92,8 @@ class Trainer:
         )
         self.model = model
         register_norm_bound(self.engine, model)
+        if cfg.report_memory:
+            self.report_memory()
         self.iteration, self.consumed_samples = 0, 0
         self.loaded_iteration = None
         if cfg.load:
@@ -114,6 +120,31 @@ class Trainer:
         self.peak = peak_tflops(cfg.peak_tflops)
         self.skipped, self.nan_iterations, self.nonfinite_streak = 0, 0, 0
         self.first_nonfinite = None  # the iteration where the current streak of non-finite steps began
+
+    def report_memory(self):
+        """``--report-memory``: this rank's estimate (``training/memory.py``), before the first step."""
+        from an_megatron.training.memory import NoFormula, recompute_from, report_lines
+
+        c = self.cfg
+        try:
+            lines = report_lines(
+                self.config,
+                micro_batch=c.micro_batch_size,
+                bf16=c.bf16,
+                zero_stage=c.zero_stage,
+                dp=c.data_parallel_size,
+                pp=c.pipeline_model_parallel_size,
+                stage=groups.pp_rank(),
+                micro_batches=c.gradient_accumulation_steps,
+                recompute=recompute_from(self.config),
+                sequence_parallel=getattr(c, "sequence_parallel_on", False),
+                document_mask=c.data.reset_attention_mask,
+                varlen_attention=self.device.type == "cuda" and c.bf16,
+            )
+        except NoFormula as e:
+            lines = [f"memory estimate: none ({e})"]
+        for line in lines:
+            print(f"[rank {dist.get_rank()}] {line}", flush=True)
 
     # ---- data ------------------------------------------------------------------------------
     def _build_datasets(self):
@@ -307,7 +338,8 @@ class Trainer:
         c = self.cfg
         print_rank0(
             f"training {c.arch}: {sum(p.numel() for p in self.model.parameters()):,} parameters on this rank, "
-            f"TP={c.tensor_model_parallel_size} PP={c.pipeline_model_parallel_size} DP={c.data_parallel_size} "
+            f"TP={c.tensor_model_parallel_size}{sequence_parallel_note(c)} PP={c.pipeline_model_parallel_size} "
+            f"DP={c.data_parallel_size} "
             f"ZeRO-{c.zero_stage} {'bf16' if c.bf16 else 'fp32'}, global batch {c.global_batch_size} "
             f"(micro {c.micro_batch_size} x accumulation {c.gradient_accumulation_steps} x DP), "
             f"{recompute.describe(self.config)}"
@@ -411,9 +443,24 @@ class Trainer:
         null = self.cfg.data.tokenizer_type == "NullTokenizer"
         ids = [self.tokenizer.eod] if null else self.tokenizer.tokenize(prompt)
         out = sample(
-            self.engine.module, ids, num_tokens, self.config.seq_length, self.tokenizer.vocab_size, seed=self.cfg.seed
+            self.engine.module,
+            ids,
+            num_tokens,
+            self.config.seq_length,
+            self.tokenizer.vocab_size,
+            seed=self.cfg.seed,
+            length_multiple=self.cfg.tensor_model_parallel_size if self.cfg.sequence_parallel_on else 1,
         )
         print_rank0(f"\n--- sample ---\n{self.tokenizer.detokenize(out)}\n--------------")
+
+
+def sequence_parallel_note(cfg: TrainConfig) -> str:
+    """What the start-up line says of ``--sequence-parallel`` (nothing without it)."""
+    if cfg.sequence_parallel_on:
+        return " (sequence parallel)"
+    if cfg.sequence_parallel:
+        return " (--sequence-parallel off: it needs TP > 1, as in Megatron-LM)"
+    return ""
 
 
 def _some(names: list[str]) -> str:

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Peak activation memory of a training step on CPU, measured, against ``training/memory.py``'s estimate.
+
+    python benchmarks/memory.py                      # the two configurations below, every mode
+    python benchmarks/memory.py --configs small --modes none
+
+Each (configuration, recomputation mode) runs in a fresh subprocess (fp32, one process, the
+model and torch's fused AdamW as the trainer builds them), with glibc's mmap threshold fixed at
+64 KiB (``MALLOC_MMAP_THRESHOLD_``): every tensor larger than that is its own mapping, returned
+to the system when freed, so the resident set follows the live tensors instead of the heap's
+high-water mark. What is measured: one warm-up step (forward, backward, optimizer step; the
+gradients stay allocated, zeroed, as DeepSpeed keeps them), then the resident set ``VmRSS``
+before the second step's forward, the peak-RSS counter ``VmHWM`` reset (``/proc/self/clear_refs``)
+and read after its backward. ``measured = peak - before``: what the forward and backward
+passes add on top of weights, gradients and optimizer state. The estimate is ``Activations.peak``
+(saved tensors plus the logits beside their copy at the end of the forward pass). The process's
+``ru_maxrss`` (its whole lifetime, warm-up included) is printed too.
+
+Step time: ``--steps`` full steps per repetition after the measurement, ``--repeats``
+repetitions, median ms per step; the load average is printed beside it (on a shared machine
+the absolute times move with the other work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    # the issue's configuration
+    "issue": dict(num_layers=8, hidden_size=256, num_attention_heads=4, seq_length=1024, micro_batch=8, vocab=16384),
+    "small": dict(num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=512, micro_batch=4, vocab=8192),
+    # tests/test_memory_report.py
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, seq_length=256, micro_batch=4, vocab=2048),
+}
+# (name, granularity, method, num_layers)
+MODES = {
+    "none": (None, "uniform", 1),
+    "full-uniform-1": ("full", "uniform", 1),
+    "full-block-2": ("full", "block", 2),
+    "selective": ("selective", "uniform", 1),
+}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+
+
+def child(config_name: str, mode: str, steps: int, repeats: int) -> dict:
+    import torch
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    from an_megatron.model import GPTModel, ModelConfig
+    from an_megatron.optim.optimizer import build_optimizer
+    from an_megatron.parallel import initialize_parallel
+    from an_megatron.training.memory import activation_bytes, recompute_from
+
+    c = CONFIGS[config_name]
+    granularity, method, n = MODES[mode]
+    initialize_parallel(1, 1)
+    config = ModelConfig(
+        recompute_granularity=granularity,
+        recompute_method=method if granularity == "full" else None,
+        recompute_num_layers=n if granularity == "full" else None,
+        num_layers=c["num_layers"],
+        hidden_size=c["hidden_size"],
+        num_attention_heads=c["num_attention_heads"],
+        seq_length=c["seq_length"],
+        vocab_size=c["vocab"],
+    )
+    model = GPTModel(config)
+    hyper = argparse.Namespace(weight_decay=0.0, lr=1e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
+    opt = build_optimizer(model, hyper)
+    gen = torch.Generator().manual_seed(0)
+    b, s, V = c["micro_batch"], c["seq_length"], c["vocab"]
+    tokens = torch.randint(0, V, (b, s), generator=gen)
+    labels = torch.randint(0, V, (b, s), generator=gen)
+
+    def step():
+        loss = model(tokens, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    step()  # warm-up: optimizer state, gradients, kernels' first-use allocations
+    before = _status_kib("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    loss = model(tokens, labels)
+    loss.backward()
+    peak = _status_kib("VmHWM") * 1024
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - t0) / steps * 1e3)
+    est = activation_bytes(config, b, recompute=recompute_from(config))
+    return dict(
+        config=config_name,
+        mode=mode,
+        measured=peak - before,
+        estimated_peak=est.peak,
+        estimated_stored=est.stored,
+        before=before,
+        ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        ms_per_step=statistics.median(times) if times else None,
+        ms_range=(min(times), max(times)) if times else None,
+        threads=torch.get_num_threads(),
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--steps", type=int, default=3, help="steps per timing repetition")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--child", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(child(*args.child, args.steps, args.repeats)))
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"machine: {os.cpu_count()} cores; {args.threads} torch threads; fp32; {when}")
+    columns = ["config", "recomputation", "measured (MiB)", "estimated peak (MiB)", "ratio est/meas"]
+    columns += ["saved (MiB)", "ru_maxrss (MiB)", "ms/step [range]", "load avg before; after"]
+    print("| " + " | ".join(columns) + " |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    mib = 1024**2
+    for config_name in args.configs:
+        for mode in args.modes:
+            load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            cmd = [sys.executable, __file__, "--child", config_name, mode, "--steps", str(args.steps)]
+            cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"| {config_name} | {mode} | failed: {out.stderr.strip().splitlines()[-1]} |||||||")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(
+                f"| {config_name} | {mode} | {r['measured'] / mib:.0f} | {r['estimated_peak'] / mib:.0f} | "
+                f"{r['estimated_peak'] / r['measured']:.3f} | {r['estimated_stored'] / mib:.0f} | "
+                f"{r['ru_maxrss'] / mib:.0f} | {r['ms_per_step']:.0f} "
+                f"[{r['ms_range'][0]:.0f}-{r['ms_range'][1]:.0f}] | "
+                f"{load_before}; {load_after} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
