@@ -15,7 +15,9 @@ from test_layouts import COMMON
 from test_training import losses, run
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
-MODEL_CASES = [(arch, documents) for arch in ("angpt", "ngpt", "gptplus") for documents in (False, True)]
+# (arch, packed documents, anGPT's nu_att): nu_att depends on each query's global position
+MODEL_CASES = [(arch, documents, "gaussian") for arch in ("angpt", "ngpt", "gptplus") for documents in (False, True)]
+MODEL_CASES += [("angpt", True, "exact"), ("angpt", False, "dense")]
 
 
 def _assert_close(a, b, what):
@@ -57,8 +59,8 @@ def _model_cases(tp, sequence_parallel, cases):
 
     initialize_parallel(tp, 1)
     out = {}
-    for arch, documents in cases:
-        model = _model(arch, tp, sequence_parallel)
+    for arch, documents, nu_att in cases:
+        model = _model(arch, tp, sequence_parallel, nu_att=nu_att)
         inputs, labels, masking = _batch(torch.Generator().manual_seed(1), 3, documents)
         # a loss mask with holes, as --eod-mask-loss makes
         loss_mask = (torch.arange(inputs.numel()).view(inputs.shape) % 5 != 0).float()
@@ -78,7 +80,7 @@ def _model_cases(tp, sequence_parallel, cases):
             opt.step()
             constrain_parameters_(model.parameters())
         result["weights"] = full_named_tensors(model, tp_group())
-        out[(arch, documents)] = result
+        out[(arch, documents, nu_att)] = result
     return out
 
 
@@ -90,7 +92,9 @@ def model_runs():
 
 
 @pytest.mark.timeout(700)
-@pytest.mark.parametrize("case", MODEL_CASES, ids=[f"{a}-{'documents' if d else 'plain'}" for a, d in MODEL_CASES])
+@pytest.mark.parametrize(
+    "case", MODEL_CASES, ids=[f"{a}-{'documents' if d else 'plain'}-{n}" for a, d, n in MODEL_CASES]
+)
 def test_sequence_parallel_model_matches_one_process(model_runs, case):
     ref, got = model_runs
     ref = ref[case]
