@@ -15,7 +15,9 @@ from test_layouts import COMMON
 from test_training import losses, run
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
-MODEL_CASES = [(arch, documents) for arch in ("angpt", "ngpt", "gptplus") for documents in (False, True)]
+# (arch, packed documents, anGPT's nu_att): nu_att depends on each query's global position
+MODEL_CASES = [(arch, documents, "gaussian") for arch in ("angpt", "ngpt", "gptplus") for documents in (False, True)]
+MODEL_CASES += [("angpt", True, "exact"), ("angpt", False, "dense")]
 
 
 def _assert_close(a, b, what):
@@ -57,8 +59,8 @@ def _model_cases(tp, sequence_parallel, cases):
 
     initialize_parallel(tp, 1)
     out = {}
-    for arch, documents in cases:
-        model = _model(arch, tp, sequence_parallel)
+    for arch, documents, nu_att in cases:
+        model = _model(arch, tp, sequence_parallel, nu_att=nu_att)
         inputs, labels, masking = _batch(torch.Generator().manual_seed(1), 3, documents)
         # a loss mask with holes, as --eod-mask-loss makes
         loss_mask = (torch.arange(inputs.numel()).view(inputs.shape) % 5 != 0).float()
@@ -78,7 +80,7 @@ def _model_cases(tp, sequence_parallel, cases):
             opt.step()
             constrain_parameters_(model.parameters())
         result["weights"] = full_named_tensors(model, tp_group())
-        out[(arch, documents)] = result
+        out[(arch, documents, nu_att)] = result
     return out
 
 
@@ -90,7 +92,9 @@ def model_runs():
 
 
 @pytest.mark.timeout(700)
-@pytest.mark.parametrize("case", MODEL_CASES, ids=[f"{a}-{'documents' if d else 'plain'}" for a, d in MODEL_CASES])
+@pytest.mark.parametrize(
+    "case", MODEL_CASES, ids=[f"{a}-{'documents' if d else 'plain'}-{n}" for a, d, n in MODEL_CASES]
+)
 def test_sequence_parallel_model_matches_one_process(model_runs, case):
     ref, got = model_runs
     ref = ref[case]
@@ -109,16 +113,22 @@ def _shapes_and_marks(tp):
     """What apply_sequence_parallel does to a built model: the residual stream's shape between
     blocks, the logits' shape, which parameters are marked, and that names are unchanged."""
     from an_megatron.parallel import initialize_parallel
+    from an_megatron.training.generate import sample
 
     initialize_parallel(tp, 1)
-    plain_names = [n for n, _ in _model("gptplus", tp, False).named_parameters()]
+    plain = _model("gptplus", tp, False)
+    plain_names = [n for n, _ in plain.named_parameters()]
     model = _model("gptplus", tp, True)
+    # generation pads odd-length contexts to a multiple of the TP size: same tokens as without SP
+    args = ([5, 7, 11], 6, SHAPE["seq_length"], SHAPE["vocab_size"])
+    samples = (sample(plain, *args, seed=3), sample(model, *args, seed=3, length_multiple=tp))
     seen = {}
     model.layers[0].register_forward_hook(lambda m, a, out: seen.update(block=tuple(out.shape)))
     inputs, _, _ = _batch(torch.Generator().manual_seed(1), 3, False)
     logits = model(inputs)
     marked = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
     return dict(
+        samples=samples,
         block=seen["block"],
         logits=tuple(logits.shape),
         marked=marked,
@@ -134,6 +144,7 @@ def test_sequence_parallel_shards_the_residual_stream():
         assert rank["block"] == (s // 2, 3, d)  # sequence-first shard, as megatron-core's regions split dim 0
         assert rank["logits"] == (3, s, V // 2)  # the whole sequence, this rank's vocabulary slice
         assert rank["names_equal"]
+        assert rank["samples"][0] == rank["samples"][1] and len(rank["samples"][0]) == 3 + 6
         # GPT+: the RMSNorm gains of the pre-norms and the final norm (anGPT's alphas are covered above)
         assert rank["marked"] == sorted(
             [f"layers.{i}.{n}.weight" for i in range(SHAPE["num_layers"]) for n in ("attention_norm", "mlp_norm")]
@@ -270,3 +281,17 @@ def test_sequence_parallel_entry_point_losses_match_single_process(layout, refer
     assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
     for it in reference:
         assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
+
+
+def test_pipeline_config_turns_partitioning_off():
+    """Pipeline stages send their own sequence shards: DeepSpeed must not partition them again."""
+    from an_megatron.parallel.sequence_parallel import pipeline_ds_config
+
+    ds = {"train_batch_size": 8, "pipeline": {"activation_checkpoint_interval": 1}}
+    assert pipeline_ds_config(ds) == {
+        "train_batch_size": 8,
+        "pipeline": {"activation_checkpoint_interval": 1, "pipe_partitioned": False, "grad_partitioned": False},
+    }
+    assert "pipe_partitioned" not in ds["pipeline"]  # the given config is not written to
+    with pytest.raises(ValueError, match="pipeline.pipe_partitioned true with --sequence-parallel"):
+        pipeline_ds_config({"pipeline": {"pipe_partitioned": True}})

@@ -1,7 +1,8 @@
 """megatron-core's internals, behind names that say what they do (read from megatron-core 0.16.1).
 
-Users: the indexed-dataset tools (``data/indexed.py``: the .idx reader and writer) and the
-torch FP8 linears (``model/linear_impl.py``: the local matmul hook of the parallel linears).
+Users: the indexed-dataset tools (``data/indexed.py``: the .idx reader and writer), the
+torch FP8 linears (``model/linear_impl.py``: the local matmul hook of the parallel linears) and
+sequence parallelism (``parallel/sequence_parallel.py``: the mode of built parallel layers).
 megatron-core itself is imported only inside the functions that need it (~5 s), except by
 ``LocalLinearOverride``, whose users subclass megatron-core's linears anyway.
 """
@@ -75,3 +76,29 @@ class LocalLinearOverride:
             sequence_parallel=sequence_parallel,
             tp_group=tp_group,
         )
+
+
+# ---- sequence parallelism on built layers ---------------------------------------------------
+
+
+def enable_sequence_parallel(layer, reduce_grad_input: bool = False) -> None:
+    """Switch a built ``ColumnParallelLinear`` or ``RowParallelLinear`` to sequence-parallel mode,
+    as if its ``ModelParallelConfig`` had had ``sequence_parallel=True`` at construction.
+
+    0.16.1: ``__init__`` copies ``config.sequence_parallel`` into ``self.sequence_parallel`` and
+    (column) derives ``self.allreduce_dgrad = tp > 1 and not sequence_parallel``; ``forward``
+    reads only these two attributes (the column layer then all-gathers its input along the first
+    dimension and reduce-scatters grad_x, the row layer reduce-scatters its output).
+    ``reduce_grad_input``: the column layer's grad_x all-reduce (off under sequence parallelism).
+    """
+    layer.sequence_parallel = True
+    layer.config.sequence_parallel = True
+    if hasattr(layer, "allreduce_dgrad"):
+        layer.allreduce_dgrad = reduce_grad_input
+
+
+def enable_embedding_reduce_scatter(embedding) -> None:
+    """A built ``VocabParallelEmbedding`` reduce-scatters its output along the sequence instead of
+    all-reducing it, handing on ``(s / tp, b, d)``. 0.16.1: the constructor argument
+    ``reduce_scatter_embeddings`` is stored as the attribute ``forward`` reads."""
+    embedding.reduce_scatter_embeddings = True

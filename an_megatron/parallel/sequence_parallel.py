@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 import megatron_patches.sequence_parallel_on_cpu  # noqa: F401  (the collectives on CPU tensors)
+from an_megatron.compat.megatron_core import enable_embedding_reduce_scatter, enable_sequence_parallel
 from an_megatron.model.gpt import MLP, Attention, Block, Embedding, Head
 from an_megatron.parallel.groups import tp_group, tp_size
 from an_megatron.parallel.tensor_parallel import is_tp_sharded
@@ -61,17 +62,14 @@ def _sequence_first_input(module, args):
 def _gather_input_sequence(layer: nn.Module) -> None:
     """A column-parallel linear: all-gather the ``(s / tp, b, d)`` input along the sequence
     (its backward reduce-scatters grad_x, which replaces the all-reduce), output ``(b, s, n)``."""
-    layer.sequence_parallel = True
-    layer.allreduce_dgrad = False
-    layer.config.sequence_parallel = True
+    enable_sequence_parallel(layer)
     layer.register_forward_hook(_batch_first_output)
 
 
 def _scatter_output_sequence(layer: nn.Module) -> None:
     """A row-parallel linear: ``(b, s, n / tp)`` input, reduce-scatter the output along the
     sequence to ``(s / tp, b, d)``."""
-    layer.sequence_parallel = True
-    layer.config.sequence_parallel = True
+    enable_sequence_parallel(layer)
     layer.register_forward_pre_hook(_sequence_first_input)
 
 
@@ -116,7 +114,7 @@ def apply_sequence_parallel(model: nn.Module) -> nn.Module:
         return model
     for module in model.modules():
         if isinstance(module, Embedding):
-            module.word_embeddings.reduce_scatter_embeddings = True
+            enable_embedding_reduce_scatter(module.word_embeddings)
         elif isinstance(module, Attention):
             _gather_input_sequence(module.qkv)
             _scatter_output_sequence(module.proj)

@@ -79,11 +79,11 @@ class Trainer:
             from an_megatron.model import GPTModel
 
             model = GPTModel(self.config)
-        if cfg.sequence_parallel_on:
+        model.to(self.device)
+        if cfg.sequence_parallel_on:  # after the move: its gradient hooks are on the parameters as they will train
             from an_megatron.parallel.sequence_parallel import apply_sequence_parallel
 
             apply_sequence_parallel(model)
-        model.to(self.device)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=build_optimizer(model, cfg),
