@@ -296,3 +296,24 @@ def test_pipeline_config_turns_partitioning_off():
     assert "pipe_partitioned" not in ds["pipeline"]  # the given config is not written to
     with pytest.raises(ValueError, match="pipeline.pipe_partitioned true with --sequence-parallel"):
         pipeline_ds_config({"pipeline": {"pipe_partitioned": True}})
+
+
+@pytest.mark.timeout(900)
+def test_sequence_parallel_entry_point_with_documents(tmp_path):
+    """GPT+ with --reset-position-ids --reset-attention-mask --eod-mask-loss: the document ids
+    the trainer builds reach attention whole, the loss mask covers the gathered logits."""
+    flags = COMMON + ["--arch", "gptplus", "--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+    flags += ["--deepspeed_config", "examples/ds_fp32.json"]
+    ref = run(flags + ["--metrics-file", str(tmp_path / "ref.jsonl")], timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = run(
+        flags
+        + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--metrics-file", str(tmp_path / "sp.jsonl")],
+        launcher=["torchrun", "--nproc_per_node", "2"],
+        timeout=400,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    reference, got = losses(tmp_path / "ref.jsonl"), losses(tmp_path / "sp.jsonl")
+    assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
+    for it in reference:
+        assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
