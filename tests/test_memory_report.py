@@ -178,10 +178,14 @@ def test_tensor_and_sequence_parallel_split():
     for name in ("qkv_output", "qk_norm_inner", "qk_scaled", "attention_output", "up_gate_output", "silu"):
         assert two[name] * 2 == one[name] == two_sp[name] * 2
     assert two["residual_updates"] == one["residual_updates"] == two_sp["residual_updates"] * 2
-    # megatron-core's column-parallel matmuls keep the gathered input; anGPT's residual update
-    # keeps the shard of the stream besides it
-    assert two["matmul_inputs"] == one["matmul_inputs"] == two_sp["matmul_inputs"]
-    assert one["residual_stream"] == two["residual_stream"] == 0 < two_sp["residual_stream"]
+    # megatron-core's fused linear (CUDA) keeps the shard of its input, which is what anGPT's
+    # residual update keeps too
+    assert two["matmul_inputs"] == one["matmul_inputs"] == two_sp["matmul_inputs"] * 2
+    assert one["residual_stream"] == two["residual_stream"] == two_sp["residual_stream"] == 0
+    # on CPU it keeps the gathered input, and the residual update its shard besides
+    cpu_sp = block_terms(_config(tp=2), B, sequence_parallel=True, gathered_inputs_kept=True)
+    assert cpu_sp["matmul_inputs"] == one["matmul_inputs"]
+    assert cpu_sp["residual_stream"] == one["matmul_inputs"] / 2
 
 
 def _tp2_counts():
@@ -207,7 +211,10 @@ def test_tensor_and_sequence_parallel_rank_share():
         for arch in ("angpt", "ngpt", "gptplus"):
             config = _config(arch, 2, tp=2)
             for sp in (False, True):
-                estimate = activation_bytes(config, B, document_mask=True, sequence_parallel=sp).stored
+                # on CPU (megatron_patches/sequence_parallel_on_cpu.py) the linear keeps the gathered input
+                estimate = activation_bytes(
+                    config, B, document_mask=True, sequence_parallel=sp, gathered_inputs_kept=True
+                ).stored
                 assert estimate == pytest.approx(rank[arch, sp], rel=RTOL), (arch, sp)
             assert rank[arch, "params"] == parameter_count(config)
 
