@@ -149,7 +149,7 @@ def parameter_count(config: ModelConfig, pp: int = 1, stage: int = 0) -> int:
     last), matrices and TP-sharded vectors divided by the tensor-parallel size. The per-channel
     components (norm gains, scales, ``alpha``) are built (vectors only) and counted, so any
     spec is counted as it is built."""
-    spec, d, f, V, t = config.spec, config.hidden_size, config.ffn_hidden_size, config.vocab_size, 1
+    spec, d, f, V = config.spec, config.hidden_size, config.ffn_hidden_size, config.vocab_size
     t = config.tensor_model_parallel_size
     factors = spec.factors(config)
     block = (3 * d * d + d * d + 2 * f * d + f * d) // t
