@@ -23,10 +23,12 @@ from an_megatron.training.memory import (
     Recompute,
     activation_bytes,
     block_terms,
+    gib,
     model_state_bytes,
     parameter_count,
     recompute_from,
     report_lines,
+    selective_terms,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,7 +310,7 @@ def test_report_memory_flag_prints_before_the_first_step(tmp_path):
     argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
     argv += ["--num-workers", "0", "--eval-interval", "0", "--mock-data", "--tokenizer-type", "NullTokenizer"]
     argv += ["--vocab-size", "255", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1"]
-    argv += ["--lr", "1e-3", "--log-interval", "1", "--report-memory"]
+    argv += ["--lr", "1e-3", "--log-interval", "1", "--report-memory", "--recompute-granularity", "selective"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "pretrain_angpt.py"), *argv],
@@ -328,6 +330,11 @@ def test_report_memory_flag_prints_before_the_first_step(tmp_path):
     assert f"parameters: {n:,} on this rank" in text
     assert "activations per micro-batch (b=2, s=32)" in text
     assert "[rank 0]   total: " in text
+    selective = next(line for line in lines if line.startswith("[rank 0]     selective: "))
+    assert selective.endswith("<- this run")
+    config = _config_for_run()
+    estimate = activation_bytes(config, 2, recompute=Recompute("selective", selective_terms=selective_terms()))
+    assert f"activations per micro-batch (b=2, s=32): stored {gib(estimate.stored)}" in text
 
 
 def _config_for_run():
