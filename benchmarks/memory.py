@@ -3,6 +3,7 @@
 
     python benchmarks/memory.py                      # the two configurations below, every mode
     python benchmarks/memory.py --configs small --modes none
+    python benchmarks/memory.py --configs small --time-interleaved 5   # step time of each mode
 
 Each (configuration, recomputation mode) runs in a fresh subprocess (fp32, one process, the
 model and torch's fused AdamW as the trainer builds them), with glibc's mmap threshold fixed at
@@ -18,7 +19,10 @@ passes add on top of weights, gradients and optimizer state. The estimate is ``A
 
 Step time: ``--steps`` full steps per repetition after the measurement, ``--repeats``
 repetitions, median ms per step; the load average is printed beside it (on a shared machine
-the absolute times move with the other work).
+the absolute times move with the other work). ``--time-interleaved ROUNDS`` compares the modes
+fairly: one process, one model per mode (same weights), one forward + backward of each per
+round, medians of wall and CPU time (``time.process_time``, less sensitive to other work on
+the machine) and their ratios to the first mode.
 """
 
 from __future__ import annotations
@@ -120,6 +124,45 @@ def child(config_name: str, mode: str, steps: int, repeats: int) -> dict:
     )
 
 
+def interleaved_times(config_name: str, modes: list[str], rounds: int) -> dict[str, list[float]]:
+    """Forward + backward ms of each mode's model (same weights), one step of each per round, so
+    that every mode sees the same machine state; the first round is a warm-up."""
+    import torch
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    from an_megatron.model import GPTModel, ModelConfig
+    from an_megatron.parallel import initialize_parallel
+
+    c = CONFIGS[config_name]
+    initialize_parallel(1, 1)
+    models = {}
+    for mode in modes:
+        granularity, method, n = MODES[mode]
+        config = ModelConfig(
+            recompute_granularity=granularity,
+            recompute_method=method if granularity == "full" else None,
+            recompute_num_layers=n if granularity == "full" else None,
+            num_layers=c["num_layers"],
+            hidden_size=c["hidden_size"],
+            num_attention_heads=c["num_attention_heads"],
+            seq_length=c["seq_length"],
+            vocab_size=c["vocab"],
+        )
+        models[mode] = GPTModel(config)
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, c["vocab"], (2, c["micro_batch"], c["seq_length"]), generator=gen)
+    times = {mode: ([], []) for mode in modes}  # (wall, CPU) ms
+    for r in range(rounds + 1):
+        for mode, model in models.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            model(tokens, labels).backward()
+            if r:
+                times[mode][0].append((time.perf_counter() - t0) * 1e3)
+                times[mode][1].append((time.process_time() - c0) * 1e3)
+            model.zero_grad(set_to_none=False)
+    return times
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
@@ -127,8 +170,37 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="steps per timing repetition")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--time-interleaved",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: time forward + backward of every mode in one process, interleaved, over ROUNDS rounds",
+    )
     p.add_argument("--child", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.time_interleaved:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for config_name in args.configs:
+            load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            times = interleaved_times(config_name, args.modes, args.time_interleaved)
+            load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            base = [statistics.median(t) for t in times[args.modes[0]]]
+            print(
+                f"{config_name}: {args.time_interleaved} interleaved rounds, {args.threads} threads, "
+                f"load average before {load_before}; after {load_after}"
+            )
+            print(f"| recomputation | wall ms [range] | ratio to {args.modes[0]} | CPU ms [range] | CPU ratio |")
+            print("| --- | --- | --- | --- | --- |")
+            for mode, (wall, cpu) in times.items():
+                w, c = statistics.median(wall), statistics.median(cpu)
+                print(
+                    f"| {mode} | {w:.0f} [{min(wall):.0f}-{max(wall):.0f}] | {w / base[0]:.3f} | "
+                    f"{c:.0f} [{min(cpu):.0f}-{max(cpu):.0f}] | {c / base[1]:.3f} |"
+                )
+        return
     if args.child:
         import torch
 

@@ -23,10 +23,12 @@ from an_megatron.training.memory import (
     Recompute,
     activation_bytes,
     block_terms,
+    gib,
     model_state_bytes,
     parameter_count,
     recompute_from,
     report_lines,
+    selective_terms,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,10 +180,14 @@ def test_tensor_and_sequence_parallel_split():
     for name in ("qkv_output", "qk_norm_inner", "qk_scaled", "attention_output", "up_gate_output", "silu"):
         assert two[name] * 2 == one[name] == two_sp[name] * 2
     assert two["residual_updates"] == one["residual_updates"] == two_sp["residual_updates"] * 2
-    # megatron-core's column-parallel matmuls keep the gathered input; anGPT's residual update
-    # keeps the shard of the stream besides it
-    assert two["matmul_inputs"] == one["matmul_inputs"] == two_sp["matmul_inputs"]
-    assert one["residual_stream"] == two["residual_stream"] == 0 < two_sp["residual_stream"]
+    # megatron-core's fused linear (CUDA) keeps the shard of its input, which is what anGPT's
+    # residual update keeps too
+    assert two["matmul_inputs"] == one["matmul_inputs"] == two_sp["matmul_inputs"] * 2
+    assert one["residual_stream"] == two["residual_stream"] == two_sp["residual_stream"] == 0
+    # on CPU it keeps the gathered input, and the residual update its shard besides
+    cpu_sp = block_terms(_config(tp=2), B, sequence_parallel=True, gathered_inputs_kept=True)
+    assert cpu_sp["matmul_inputs"] == one["matmul_inputs"]
+    assert cpu_sp["residual_stream"] == one["matmul_inputs"] / 2
 
 
 def _tp2_counts():
@@ -207,7 +213,10 @@ def test_tensor_and_sequence_parallel_rank_share():
         for arch in ("angpt", "ngpt", "gptplus"):
             config = _config(arch, 2, tp=2)
             for sp in (False, True):
-                estimate = activation_bytes(config, B, document_mask=True, sequence_parallel=sp).stored
+                # on CPU (megatron_patches/sequence_parallel_on_cpu.py) the linear keeps the gathered input
+                estimate = activation_bytes(
+                    config, B, document_mask=True, sequence_parallel=sp, gathered_inputs_kept=True
+                ).stored
                 assert estimate == pytest.approx(rank[arch, sp], rel=RTOL), (arch, sp)
             assert rank[arch, "params"] == parameter_count(config)
 
@@ -301,7 +310,7 @@ def test_report_memory_flag_prints_before_the_first_step(tmp_path):
     argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
     argv += ["--num-workers", "0", "--eval-interval", "0", "--mock-data", "--tokenizer-type", "NullTokenizer"]
     argv += ["--vocab-size", "255", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1"]
-    argv += ["--lr", "1e-3", "--log-interval", "1", "--report-memory"]
+    argv += ["--lr", "1e-3", "--log-interval", "1", "--report-memory", "--recompute-granularity", "selective"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "pretrain_angpt.py"), *argv],
@@ -321,6 +330,11 @@ def test_report_memory_flag_prints_before_the_first_step(tmp_path):
     assert f"parameters: {n:,} on this rank" in text
     assert "activations per micro-batch (b=2, s=32)" in text
     assert "[rank 0]   total: " in text
+    selective = next(line for line in lines if line.startswith("[rank 0]     selective: "))
+    assert selective.endswith("<- this run")
+    config = _config_for_run()
+    estimate = activation_bytes(config, 2, recompute=Recompute("selective", selective_terms=selective_terms()))
+    assert f"activations per micro-batch (b=2, s=32): stored {gib(estimate.stored)}" in text
 
 
 def _config_for_run():

@@ -30,12 +30,14 @@ by several operations, or a view saved by one of them, is counted once, by its s
 block, without recomputation (``block_terms``, bytes):
 
 - ``matmul_inputs``, ``2 w sbh``: the inputs of the two column-parallel matmuls (QKV and
-  ``u; z``), whole sequences on every tensor-parallel rank (megatron-core keeps the gathered
-  input under sequence parallelism too);
+  ``u; z``), whole on every tensor-parallel rank; under sequence parallelism megatron-core's
+  fused linear keeps this rank's shard (``/ t``) and gathers it again in backward. On CPU
+  (``megatron_patches/sequence_parallel_on_cpu.py`` runs it as a gather and a plain linear) it
+  keeps the gathered sequence: ``gathered_inputs_kept``;
 - ``residual_stream``, ``pre_norms``: a pre-norm (GPT+'s RMSNorm) keeps the stream it
   normalizes and the normalized value, both fp32 (torch upcasts a bf16 input), ``2 x 8 sbh``
-  per block; without pre-norms the stream is the matmul's input, except under sequence
-  parallelism, where anGPT's and nGPT's residual updates keep their shard of it, ``2 w sbh / t``;
+  per block; without pre-norms the stream is the matmul's input, except where the linear keeps
+  a gathered copy: anGPT's and nGPT's residual updates then keep their shard, ``2 w sbh / t``;
 - ``residual_updates``: anGPT's ``nu (1 - alpha) h + nu alpha x`` keeps the update ``x``
   (``w sbh`` each), nGPT's ``Norm(h + alpha (Norm(x) - h))`` keeps ``x``, ``Norm(x)`` and the
   lerp (``3 w sbh`` each), GPT+'s ``h + x`` nothing;
@@ -70,7 +72,7 @@ logits and saves the softmax, ``4 sbV / t`` bytes in fp32 whatever ``w``, with t
 their mask (``9 sb`` bytes).
 
 Sequence parallelism splits what lives outside the tensor-parallel matmuls along the sequence
-(``seq_split = t``): the residual updates, the norms and the shards of the stream.
+(``seq_split = t``): the matmuls' inputs, the residual updates, the norms, the head's input.
 
 The peak of a step (``Activations.peak``) is the larger of two moments: the end of the forward
 pass (everything stored, plus the logits beside their fp32 copy: ``w sbV / t``, and ``4 sbV / t``
@@ -147,7 +149,7 @@ def parameter_count(config: ModelConfig, pp: int = 1, stage: int = 0) -> int:
     last), matrices and TP-sharded vectors divided by the tensor-parallel size. The per-channel
     components (norm gains, scales, ``alpha``) are built (vectors only) and counted, so any
     spec is counted as it is built."""
-    spec, d, f, V, t = config.spec, config.hidden_size, config.ffn_hidden_size, config.vocab_size, 1
+    spec, d, f, V = config.spec, config.hidden_size, config.ffn_hidden_size, config.vocab_size
     t = config.tensor_model_parallel_size
     factors = spec.factors(config)
     block = (3 * d * d + d * d + 2 * f * d + f * d) // t
@@ -216,6 +218,7 @@ def block_terms(
     sequence_parallel: bool = False,
     document_mask: bool = False,
     varlen_attention: bool = False,
+    gathered_inputs_kept: bool = False,
 ) -> dict[str, float]:
     """Bytes one block saves for backward without recomputation, by term (module docstring)."""
     spec, t = config.spec, config.tensor_model_parallel_size
@@ -240,14 +243,16 @@ def block_terms(
     factors = spec.factors(config)
     factor_applied = factors.nu_att != "none" or factors.nu_qkv * factors.nu_o != 1.0
     gate_scaled = spec.gate_scales(config).row_scale() is not None
+    gathered = sequence_parallel and gathered_inputs_kept  # the matmuls keep a gathered copy
     if PRE_NORMS[spec.pre_norm]:  # the norm keeps the stream (fp32) and its normalized value
         stream, normalized = 2 * 4 * sbh / seq_split, 2 * 4 * sbh / seq_split
     else:  # the residual update keeps the stream: the matmul's input itself, unless it gathered it
-        stream = 2 * w * sbh / t if sequence_parallel and RESIDUAL_SAVES_STREAM[spec.residual] else 0
+        stream = 2 * w * sbh / t if gathered and RESIDUAL_SAVES_STREAM[spec.residual] else 0
         normalized = 0
     return {
-        # the qkv and u; z matmuls' inputs: whole sequences (gathered under sequence parallelism)
-        "matmul_inputs": 2 * w * sbh,
+        # the qkv and u; z matmuls' inputs (this rank's shard under sequence parallelism, or the
+        # gathered sequence where the linear keeps that)
+        "matmul_inputs": 2 * w * sbh / (1 if gathered else seq_split),
         "residual_stream": stream,
         "pre_norms": normalized,
         "residual_updates": 2 * RESIDUAL_SAVED[spec.residual] * w * sbh / seq_split,
@@ -284,12 +289,15 @@ def activation_bytes(
     pp: int = 1,
     stage: int = 0,
     micro_batches: int = 1,
+    gathered_inputs_kept: bool = False,
 ) -> Activations:
     """One micro-batch's activations on pipeline ``stage`` (module docstring)."""
     t, width = config.tensor_model_parallel_size, 2 if bf16 else 4
     b, s, d, V = micro_batch, config.seq_length, config.hidden_size, config.vocab_size
     seq_split = t if sequence_parallel else 1
-    terms = block_terms(config, micro_batch, bf16, sequence_parallel, document_mask, varlen_attention)
+    terms = block_terms(
+        config, micro_batch, bf16, sequence_parallel, document_mask, varlen_attention, gathered_inputs_kept
+    )
     block = sum(terms.values())
     n_blocks = stage_blocks(config.num_layers, pp, stage)
     block_input = s * b * d * width / seq_split
@@ -300,7 +308,7 @@ def activation_bytes(
     if stage == pp - 1:
         spec = config.spec
         final_norm = spec.final_norm
-        head += s * b * d * width  # W_out's input, the whole sequence
+        head += s * b * d * width / (1 if gathered_inputs_kept else seq_split)  # W_out's input
         head += 2 * 4 * s * b * d / seq_split if PRE_NORMS.get(final_norm) else 0  # the norm's input, normalized
         head += 4 * s * b * PRE_NORM_STATS.get(final_norm, 0) / seq_split
         head += V * d * width / t if spec.logit_scale(config).row_scale() is not None else 0
@@ -395,6 +403,7 @@ def report_lines(
     sequence_parallel: bool = False,
     document_mask: bool = False,
     varlen_attention: bool = False,
+    gathered_inputs_kept: bool = False,
 ) -> list[str]:
     """The ``--report-memory`` lines of one rank: model states, activations per micro-batch
     under each recomputation mode (the chosen one marked) and one total."""
@@ -418,6 +427,7 @@ def report_lines(
         bf16=bf16,
         document_mask=document_mask,
         varlen_attention=varlen_attention,
+        gathered_inputs_kept=gathered_inputs_kept,
         pp=pp,
         stage=stage,
         micro_batches=micro_batches,

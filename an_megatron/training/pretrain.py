@@ -140,6 +140,8 @@ class Trainer:
                 sequence_parallel=getattr(c, "sequence_parallel_on", False),
                 document_mask=c.data.reset_attention_mask,
                 varlen_attention=self.device.type == "cuda" and c.bf16,
+                # megatron_patches/sequence_parallel_on_cpu.py: on CPU the linear keeps its gathered input
+                gathered_inputs_kept=self.device.type == "cpu",
             )
         except NoFormula as e:
             lines = [f"memory estimate: none ({e})"]
