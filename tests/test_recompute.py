@@ -262,3 +262,28 @@ def test_training_with_recompute_matches_single_process_without(layout, referenc
     assert sorted(got) == sorted(reference) == [1, 2, 3]
     for it in reference:
         assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_saved_with_recompute_resumes_and_converts_without(reference, tmp_path):
+    """A run with full recomputation saves at iteration 2; a run without recomputation resumes
+    from it and logs the reference's loss at iteration 3, and the consolidated checkpoint loads
+    into a model without recomputation."""
+    ds = ["--deepspeed_config", "examples/ds_fp32.json"]
+    recompute = "--recompute-granularity full --recompute-method uniform --recompute-num-layers 2".split()
+    out = run(COMMON + ds + recompute + ["--exit-interval", "2", "--save", str(tmp_path / "ckpt")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run(COMMON + ds + ["--load", str(tmp_path / "ckpt"), "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no recompute" in out.stdout
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == [3]
+    assert got[3] == pytest.approx(reference[3], rel=1e-5)
+
+    from an_megatron.training.convert import consolidate
+
+    obj = consolidate(str(tmp_path / "ckpt"), "iter_0000002")
+    assert obj["config"]["recompute_granularity"] == "full"
+    model = GPTModel(ModelConfig(**{**obj["config"], **NO_RECOMPUTE}))
+    missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+    assert not unexpected and all(k.endswith("._extra_state") for k in missing), (missing, unexpected)
