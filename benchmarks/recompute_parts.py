@@ -9,7 +9,7 @@ One block (fp32, CPU) runs forward under ``torch.autograd.graph.saved_tensors_ho
 sees every tensor autograd keeps for backward; the bytes are counted once per storage (views
 of one tensor share it) and parameters are left out, so the figure is the block's activation
 memory. With a part recomputed (``model/recompute.py``, ``PARTS``), the part keeps only its
-inputs (counted too, once, if nothing else keeps them). "freed" is the difference. The cost of
+inputs (counted once, like everything). "freed" is the difference. The cost of
 recomputing a part is its forward (with autograd recording, as in the recomputation), timed on
 its own: median of ``--repeats`` runs. Prints a markdown table.
 """
@@ -36,28 +36,18 @@ MB = 2**20
 
 @contextmanager
 def saved_storages(params: set[int]):
-    """Collect ``{storage pointer: bytes}`` of the non-parameter tensors autograd saves, and of
-    the inputs that recomputed parts keep instead."""
+    """Collect ``{storage pointer: bytes}`` of the non-parameter tensors autograd saves. A
+    recomputed part's inputs are among them: non-reentrant checkpointing keeps them through the
+    same saved-tensor mechanism."""
     seen: dict[int, int] = {}
 
-    def note(t):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-
     def pack(t):
-        note(t)
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    real_checkpoint = recompute.checkpoint
-
-    def checkpoint_noting_inputs(fn, *args, **kwargs):
-        for a in args:
-            note(a)
-        return real_checkpoint(fn, *args, **kwargs)
-
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with mock.patch.object(recompute, "checkpoint", checkpoint_noting_inputs):
-            yield seen
+        yield seen
 
 
 def build_block(config: ModelConfig, parts: tuple[str, ...]) -> Block:

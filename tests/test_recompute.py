@@ -3,7 +3,8 @@
 In one process, gradients with full (uniform, block) and selective recomputation are bitwise
 those without (fp32; the model draws nothing, so the recomputation replays the forward
 exactly), for anGPT, nGPT and GPT+ and with document masking. Through the training entry point,
-runs with recomputation on TP=2, PP=2 and ZeRO-3 log the losses of a single process without it.
+runs with recomputation on TP=2 (ZeRO-1), PP=2 (ZeRO-0), DP=2 with ZeRO-2 and ZeRO-3 log the
+losses of a single process without it.
 """
 
 from dataclasses import replace
@@ -226,6 +227,10 @@ RUNS = {
         ["--pipeline-model-parallel-size", "2", *"--recompute-granularity full --recompute-method block".split()],
         "recompute full block 1",
     ),
+    "dp2-zero2-full-block-2": (
+        ["--zero2", *"--recompute-granularity full --recompute-method block --recompute-num-layers 2".split()],
+        "recompute full block 2",
+    ),
     "dp2-zero3-full-uniform-1": (
         ["--zero3", *"--recompute-granularity full --recompute-method uniform".split()],
         "recompute full uniform 1",
@@ -239,9 +244,11 @@ RUNS = {
 def test_training_with_recompute_matches_single_process_without(layout, reference, tmp_path):
     flags, described = RUNS[layout]
     (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
+    (tmp_path / "zero2.json").write_text('{"zero_optimization": {"stage": 2}}')
     (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
-    if "--zero3" in flags:
-        flags = [f for f in flags if f != "--zero3"] + ["--deepspeed_config", str(tmp_path / "zero3.json")]
+    zero = [f for f in flags if f in ("--zero2", "--zero3")]
+    if zero:
+        flags = [f for f in flags if f not in zero] + ["--deepspeed_config", str(tmp_path / f"{zero[0][2:]}.json")]
     elif "--pipeline-model-parallel-size" in flags:
         flags = flags + ["--deepspeed_config", str(tmp_path / "zero0.json")]
     else:
@@ -255,3 +262,28 @@ def test_training_with_recompute_matches_single_process_without(layout, referenc
     assert sorted(got) == sorted(reference) == [1, 2, 3]
     for it in reference:
         assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_saved_with_recompute_resumes_and_converts_without(reference, tmp_path):
+    """A run with full recomputation saves at iteration 2; a run without recomputation resumes
+    from it and logs the reference's loss at iteration 3, and the consolidated checkpoint loads
+    into a model without recomputation."""
+    ds = ["--deepspeed_config", "examples/ds_fp32.json"]
+    recompute = "--recompute-granularity full --recompute-method uniform --recompute-num-layers 2".split()
+    out = run(COMMON + ds + recompute + ["--exit-interval", "2", "--save", str(tmp_path / "ckpt")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run(COMMON + ds + ["--load", str(tmp_path / "ckpt"), "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no recompute" in out.stdout
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == [3]
+    assert got[3] == pytest.approx(reference[3], rel=1e-5)
+
+    from an_megatron.training.convert import consolidate
+
+    obj = consolidate(str(tmp_path / "ckpt"), "iter_0000002")
+    assert obj["config"]["recompute_granularity"] == "full"
+    model = GPTModel(ModelConfig(**{**obj["config"], **NO_RECOMPUTE}))
+    missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+    assert not unexpected and all(k.endswith("._extra_state") for k in missing), (missing, unexpected)

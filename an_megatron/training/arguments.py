@@ -410,14 +410,16 @@ def check_flags(args) -> None:
 def check_recompute_per_stage(args) -> None:
     """``--recompute-num-layers`` counts blocks of one pipeline stage (Megatron's meaning): at
     most the blocks of the smallest stage (stages hold ``--num-layers / pp`` blocks, rounded
-    down or up)."""
-    n, pp = args.recompute_num_layers, args.pipeline_model_parallel_size
-    per_stage = args.num_layers // pp
-    if n is not None and pp > 1 and n > per_stage:
-        raise ConfigError(
-            f"--recompute-num-layers {n} is more than {per_stage}, the blocks on the smallest pipeline stage "
-            f"(--num-layers {args.num_layers} over --pipeline-model-parallel-size {pp})"
-        )
+    down or up), all of them without pipeline parallelism."""
+    n, pp, layers = args.recompute_num_layers, args.pipeline_model_parallel_size, args.num_layers
+    if n is None or n <= layers // pp:
+        return
+    if pp == 1:
+        raise ConfigError(f"--recompute-num-layers {n} is more than --num-layers {layers}")
+    raise ConfigError(
+        f"--recompute-num-layers {n} is more than {layers // pp}, the blocks on the smallest pipeline stage "
+        f"(--num-layers {layers} over --pipeline-model-parallel-size {pp})"
+    )
 
 
 def check_sequence_parallel(args) -> None:
