@@ -23,7 +23,8 @@ def pytest_configure(config):
     # Tests that start the training command (torchrun, deepspeed) pass this environment on; its
     # device follows DeepSpeed's accelerator and its backend follows that (groups.default_backend).
     # Without enough GPUs for its processes a launched run goes to CPU and gloo; with
-    # AN_MEGATRON_TEST_DEVICE=cuda and too few GPUs it is left on cuda and fails, naming LOCAL_RANK.
+    # AN_MEGATRON_TEST_DEVICE=cuda and too few GPUs it is left on cuda and fails (with one GPU, in
+    # one line naming LOCAL_RANK).
     try:
         launched = distributed.choose_device(distributed.LAUNCHED_PROCESSES, distributed.gpu_count(), requested)
     except distributed.DeviceUnavailable:

@@ -56,7 +56,9 @@ def _rank_device_and_backend():
     initialize_parallel(1, 1)
     seen = torch.tensor([1.0], device=distributed.current_device())
     dist.all_reduce(seen)  # the process group works on this device
-    return str(distributed.current_device()), dist.get_backend(), os.environ["DS_ACCELERATOR"], seen.item()
+    set_by_harness = distributed._RANK_DEVICE is not None  # not the pytest process's fallback
+    device = str(distributed.current_device())
+    return device, dist.get_backend(), os.environ["DS_ACCELERATOR"], seen.item(), set_by_harness
 
 
 def _on_this_machine(ranks):
@@ -77,7 +79,7 @@ def test_two_rank_world_gets_the_device_and_backend(monkeypatch, requested):
     ranks = run_distributed(_rank_device_and_backend, 2)
     expected = [(f"cuda:{r}" if kind == "cuda" else "cpu", "nccl" if kind == "cuda" else "gloo") for r in range(2)]
     assert [r[:2] for r in ranks] == expected
-    assert [r[2:] for r in ranks] == [(kind, 2.0)] * 2
+    assert [r[2:] for r in ranks] == [(kind, 2.0, True)] * 2
 
 
 @pytest.mark.timeout(60)

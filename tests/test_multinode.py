@@ -1,6 +1,7 @@
-"""A two-node launch on one machine: two `torchrun --nnodes 2 --nproc_per_node 1 --node_rank R`
-invocations meeting at one rendezvous, training a tiny model on a tiny real corpus with a data
-index cache, checkpoints and metrics on the shared filesystem.
+"""A two-node launch on one machine: two `torchrun --nnodes 2 --nproc_per_node 1 --node_rank R
+--rdzv_endpoint 127.0.0.1:P` invocations (the README's command) meeting at one rendezvous,
+training a tiny model on a tiny real corpus with a data index cache, checkpoints and metrics on
+the shared filesystem.
 
 What must happen once per job does: every file each process writes is recorded (Python's audit
 hooks, tests/write_audit/sitecustomize.py), so the test sees who built the index cache, took the
@@ -104,10 +105,8 @@ def test_two_node_launch_does_once_per_job_work_once(tmp_path):
                 "1",
                 "--node_rank",
                 str(rank),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
                 "examples/pretrain_angpt.py",
                 *train,
             ],
