@@ -18,6 +18,9 @@ import pytest
 import torch
 from distributed import run_distributed
 
+# The multi-rank counts run on CPU on every machine: the estimate's CPU path is what they check
+# (on CUDA megatron-core's sequence-parallel linear keeps its input's shard instead).
+
 from an_megatron.model import GPTModel, ModelConfig
 from an_megatron.training.memory import (
     Recompute,
@@ -209,7 +212,7 @@ def _tp2_counts():
 
 @pytest.mark.timeout(300)
 def test_tensor_and_sequence_parallel_rank_share():
-    for rank in run_distributed(_tp2_counts, 2, timeout=240):
+    for rank in run_distributed(_tp2_counts, 2, timeout=240, device="cpu"):
         for arch in ("angpt", "ngpt", "gptplus"):
             config = _config(arch, 2, tp=2)
             for sp in (False, True):
@@ -282,7 +285,7 @@ def _zero_states():
 @pytest.mark.timeout(420)
 def test_model_states_against_deepspeed_dp2():
     n = parameter_count(_config("angpt", 2))
-    for rank in run_distributed(_zero_states, 2, timeout=400):
+    for rank in run_distributed(_zero_states, 2, timeout=400, device="cpu"):
         for (stage, bf16), real in rank.items():
             expected = model_state_bytes(n, bf16, stage, dp=2)
             # ZeRO pads each partition to an aligned size: a few elements per group
@@ -293,7 +296,7 @@ def test_model_states_against_deepspeed_dp2():
 @pytest.mark.timeout(300)
 def test_pipeline_stage_parameters():
     config = _config("gptplus", 3)
-    for stage, params in run_distributed(_pp2_params, 2, timeout=240):
+    for stage, params in run_distributed(_pp2_params, 2, timeout=240, device="cpu"):
         assert params == parameter_count(config, pp=2, stage=stage)
 
 

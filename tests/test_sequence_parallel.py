@@ -10,7 +10,7 @@ one spawn per world size.
 
 import pytest
 import torch
-from distributed import full_named_tensors, run_distributed
+from distributed import current_device, full_named_tensors, run_distributed
 from test_layouts import COMMON
 from test_training import losses, run
 
@@ -31,6 +31,7 @@ def _model(arch, tp, sequence_parallel, **overrides):
 
     torch.manual_seed(0)
     model = GPTModel(ModelConfig(arch=arch, tensor_model_parallel_size=tp, **{**SHAPE, **overrides}))
+    model.to(current_device())
     if sequence_parallel:
         from an_megatron.parallel.sequence_parallel import apply_sequence_parallel
 
@@ -49,7 +50,8 @@ def _batch(gen, batch, documents):
     if documents:
         docs = torch.randint(0, 2, inputs.shape, generator=gen).cumsum(1) // 4
         masking = dict(document_ids=docs, position_ids=visible_keys(docs, docs.shape[1], docs.device) - 1)
-    return inputs, labels, masking
+    device = current_device()
+    return inputs.to(device), labels.to(device), {k: v.to(device) for k, v in masking.items()}
 
 
 def _model_cases(tp, sequence_parallel, cases):
@@ -63,7 +65,7 @@ def _model_cases(tp, sequence_parallel, cases):
         model = _model(arch, tp, sequence_parallel, nu_att=nu_att)
         inputs, labels, masking = _batch(torch.Generator().manual_seed(1), 3, documents)
         # a loss mask with holes, as --eod-mask-loss makes
-        loss_mask = (torch.arange(inputs.numel()).view(inputs.shape) % 5 != 0).float()
+        loss_mask = (torch.arange(inputs.numel(), device=inputs.device).view(inputs.shape) % 5 != 0).float()
         logits = gather_tp_tensor(model(inputs, **masking), -1, 1, tp_group())
         loss = model.loss(inputs, labels, loss_mask, **masking)
         loss.backward()
