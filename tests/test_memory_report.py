@@ -18,9 +18,6 @@ import pytest
 import torch
 from distributed import run_distributed
 
-# The multi-rank counts run on CPU on every machine: the estimate's CPU path is what they check
-# (on CUDA megatron-core's sequence-parallel linear keeps its input's shard instead).
-
 from an_megatron.model import GPTModel, ModelConfig
 from an_megatron.training.memory import (
     Recompute,
@@ -34,6 +31,8 @@ from an_megatron.training.memory import (
     selective_terms,
 )
 
+# The multi-rank counts run on CPU on every machine: the estimate's CPU path is what they check
+# (on CUDA megatron-core's sequence-parallel linear keeps its input's shard instead).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, S, D, H, V = 4, 64, 64, 4, 512
 RTOL = 0.01
