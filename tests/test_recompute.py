@@ -218,6 +218,11 @@ def reference(tmp_path_factory):
 
 RUNS = {
     "tp2-selective": (["--tensor-model-parallel-size", "2", "--recompute-activations"], "recompute selective"),
+    "tp2-full-uniform-1": (
+        ["--tensor-model-parallel-size", "2", *"--recompute-granularity full --recompute-method uniform".split()],
+        "recompute full uniform 1",
+    ),
+    "pp2-selective": (["--pipeline-model-parallel-size", "2", "--recompute-activations"], "recompute selective"),
     "pp2-full-uniform-2": (
         ["--pipeline-model-parallel-size", "2", *"--recompute-granularity full --recompute-method uniform".split()]
         + ["--recompute-num-layers", "2"],
