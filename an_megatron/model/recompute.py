@@ -23,7 +23,7 @@ Granularities (``ModelConfig.recompute_granularity``):
   (``selective``, called where the block computes them).
 
 What selective recomputes was measured (``benchmarks/recompute_parts.py``): one block, fp32,
-CPU, d=256, 4 heads, f=1024, micro-batch 8 x 1024 tokens (the issue's configuration), bytes
+CPU, d=256, 4 heads, f=1024, micro-batch 8 x 1024 tokens (8 layers of it peak at 3.8 GB in fp32), bytes
 autograd keeps for backward counted per storage with ``torch.autograd.graph.saved_tensors_hooks``
 (parameters left out), and the part's forward timed alone (what recomputing it costs; medians of
 5 on a shared 2-core machine, so within about 2x)::
