@@ -22,8 +22,11 @@ whole validation split (``--full-validation``). The stages:
    architecture needs to reach GPT+'s loss;
 4. anGPT's ablations at its best rate.
 
-A finished run is not repeated (its metrics file is complete), so an interrupted benchmark
-continues where it stopped. Writes ``summary.md``, ``summary.json`` and PNG plots into
+A finished run is not repeated (its metrics file is complete, or it stopped after non-finite
+steps: diverged), so an interrupted benchmark continues where it stopped; a run that fails
+before its first step (a bad flag) is reported with its log and left out, never counted as
+diverged. ``--warmup ARCH:ITERS`` gives an architecture a warm-up other than its default, in
+runs of their own names (``NAME_warmupITERS``). Writes ``summary.md``, ``summary.json`` and PNG plots into
 ``--out``; every run's metrics JSONL is under ``--out/runs/NAME/``.
 """
 
@@ -54,6 +57,7 @@ from run_analysis import (  # noqa: E402
 
 from an_megatron.model.config import ModelConfig  # noqa: E402
 from an_megatron.training.metrics import read_metrics  # noqa: E402
+from an_megatron.training.pretrain import EXIT_DIVERGED  # noqa: E402
 
 ARCHS = ("gptplus", "ngpt", "angpt")
 # Chosen so the whole benchmark (12 sweep runs + 5 ablations, one process each) fits in about an
@@ -160,30 +164,64 @@ def run_name(arch: str, lr: float, ablation: str | None = None, seed: int = SEED
 
 
 def is_finished(metrics: str, iters: int) -> bool:
+    """Whether a run need not be started again: it reached its final evaluation, or it stopped
+    after non-finite steps (``outcome.json`` beside its metrics; it would diverge again)."""
     if not os.path.exists(metrics):
         return False
     evals = read_metrics(metrics)["eval"]
-    return bool(evals) and evals[-1]["iteration"] == iters
+    return (bool(evals) and evals[-1]["iteration"] == iters) or run_outcome(metrics).get("diverged", False)
 
 
-def warmup_iters(arch: str, iters: int) -> int:
-    """The architecture's default warm-up for a run of ``iters`` steps (GPT+: 10%; none for
-    anGPT and nGPT), fixed explicitly so WSD branches of any length share it."""
+def run_outcome(metrics: str) -> dict:
+    """``{"returncode": ..., "diverged": ...}`` as the runner recorded it, or {} (older runs)."""
+    path = os.path.join(os.path.dirname(metrics), "outcome.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def warmup_iters(arch: str, iters: int, overrides: dict[str, int] | None = None) -> int:
+    """The warm-up of a run of ``iters`` steps: ``overrides[arch]`` (``--warmup``) or the
+    architecture's default (GPT+: 10%; none for anGPT and nGPT), fixed explicitly so WSD
+    branches of any length share it."""
     from an_megatron.model.arch import ARCH_SPECS
 
+    if overrides and arch in overrides:
+        return overrides[arch]
     return ARCH_SPECS[arch].optimizer.warmup_iters(iters)
+
+
+def has_training_records(metrics: str) -> bool:
+    """Whether a run recorded at least one training step: a run that stopped after non-finite
+    steps has (it diverged); one that failed before its first step (a bad flag, a missing
+    module) has not, and must not be counted as diverged."""
+    return os.path.exists(metrics) and bool(read_metrics(metrics)["train"])
 
 
 class Runner:
     """Starts training runs (``jobs`` at a time, each with ``2 / jobs`` threads), skipping any
-    whose metrics already hold its final evaluation, so an interrupted benchmark resumes."""
+    whose metrics already hold its final evaluation, so an interrupted benchmark resumes.
+
+    ``cfg["warmup"]`` ({arch: iterations}, from ``--warmup``) replaces an architecture's default
+    warm-up in every run of it; those runs live under their own names (``NAME_warmupN``), so
+    they never mix with the default runs in the same ``--out``. A run that fails before its
+    first training step is reported (with its log) and returned as None."""
 
     def __init__(self, out, cfg, tok, data, jobs=1, summarize_only=False):
         self.out, self.cfg, self.tok, self.data = out, cfg, tok, data
         self.jobs, self.summarize_only = jobs, summarize_only
+        self.failed: list[str] = []
+
+    def run_dir(self, spec: dict) -> str:
+        warmup = self.cfg.get("warmup", {}).get(spec["arch"])
+        name = spec["name"] if warmup is None else f"{spec['name']}_warmup{warmup}"
+        return os.path.join(self.out, "runs", name)
 
     def command(self, arch, lr, seed, metrics, iters, extra):
         c = self.cfg
+        if arch in c.get("warmup", {}) and "--lr-warmup-iters" not in extra:
+            extra = ["--lr-warmup-iters", str(c["warmup"][arch]), *extra]
         return [
             sys.executable,
             "examples/pretrain_angpt.py",
@@ -231,7 +269,7 @@ class Runner:
 
         results, todo = {}, []
         for spec in specs:
-            metrics = os.path.join(self.out, "runs", spec["name"], "metrics.jsonl")
+            metrics = os.path.join(self.run_dir(spec), "metrics.jsonl")
             iters = spec.get("iters", self.cfg["iters"])
             if is_finished(metrics, iters):
                 results[spec["name"]] = metrics
@@ -250,8 +288,18 @@ class Runner:
             threads = str(max(1, 2 // self.jobs))
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
             t0 = time.time()
-            rc = sh(cmd, os.path.join(run_dir, "train.log"), env)
-            print(f"  {spec['name']}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
+            log = os.path.join(run_dir, "train.log")
+            outcome = os.path.join(run_dir, "outcome.json")
+            if os.path.exists(outcome):
+                os.remove(outcome)
+            rc = sh(cmd, log, env)
+            with open(outcome, "w") as f:
+                json.dump(dict(returncode=rc, diverged=rc == EXIT_DIVERGED), f)
+            print(f"  {os.path.basename(run_dir)}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
+            if rc != 0 and not has_training_records(metrics):
+                print(f"  {os.path.basename(run_dir)} FAILED before its first training step; see {log}", flush=True)
+                self.failed.append(log)
+                return spec["name"], None
             return spec["name"], metrics
 
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -275,9 +323,9 @@ def run_wsd(
     branch_points = [k for _, k in plan]
     stables, branches, names = [], [], {}
     for arch, lr, seed in points:
-        warmup = ["--lr-warmup-iters", str(warmup_iters(arch, runner.cfg["iters"]))]
+        warmup = ["--lr-warmup-iters", str(warmup_iters(arch, runner.cfg["iters"], runner.cfg.get("warmup")))]
         stable = run_name(arch, lr, seed=seed, part="wsd_stable")
-        ckpt = os.path.join(runner.out, "runs", stable, "ckpt")
+        ckpt = os.path.join(runner.run_dir(dict(name=stable, arch=arch)), "ckpt")
         save = ["--save", ckpt, "--save-interval", str(math.gcd(*branch_points)), "--overwrite-save"]
         stables.append(
             dict(
@@ -430,7 +478,13 @@ def markdown(summary: dict) -> str:
     def f(x, fmt=".4f"):
         return "n/a" if x is None else ("diverged" if x == math.inf else format(x, fmt))
 
-    lines = [
+    warmup = summary["config"].get("warmup") or {}
+    lines = (
+        [f"Learning-rate warm-up replaced: {', '.join(f'{a} {n} iterations' for a, n in warmup.items())}.\n"]
+        if warmup
+        else []
+    )
+    lines += [
         "| arch | best lr | final val loss | steps to GPT+'s final loss | step speedup vs GPT+ (paper) "
         "| step time ratio vs GPT+ (paper) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -522,6 +576,16 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_warmup(parser: argparse.ArgumentParser, values: list[str]) -> dict[str, int]:
+    warmup = {}
+    for value in values:
+        arch, _, iters = value.partition(":")
+        if arch not in ARCHS or not iters.isdigit():
+            parser.error(f"--warmup {value}: expected ARCH:ITERS with ARCH one of {', '.join(ARCHS)}")
+        warmup[arch] = int(iters)
+    return warmup
+
+
 def sweep_specs(sweep_lrs: dict[str, list[float]]) -> list[dict]:
     return [dict(name=run_name(a, lr), arch=a, lr=lr) for a, lrs in sweep_lrs.items() for lr in lrs]
 
@@ -559,6 +623,14 @@ def main(argv=None) -> int:
         help="WSD also at each architecture's cosine-best rate times F (first seed only); each budget "
         "reports the best rate tried",
     )
+    p.add_argument(
+        "--warmup",
+        nargs="*",
+        default=[],
+        metavar="ARCH:ITERS",
+        help="a linear learning-rate warm-up over ITERS iterations for ARCH instead of its default "
+        "(GPT+ 10%%, none for anGPT and nGPT); these runs are named NAME_warmupITERS",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with 2 / jobs threads)")
     p.add_argument(
         "--no-full-validation",
@@ -583,6 +655,7 @@ def main(argv=None) -> int:
     if args.size == "medium" and not args.smoke:
         cfg["model"] = MEDIUM_MODEL
     cfg.update(corpus=args.corpus, size=args.size, full_validation=not args.no_full_validation)
+    cfg["warmup"] = parse_warmup(p, args.warmup)
     lrs = {arch: list(cfg["lrs"]) for arch in ARCHS}
     if args.lrs:
         lrs = {
@@ -677,6 +750,9 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"(no plots: {e})")
     print(f"benchmark wall time {summary['wall_time_s'] / 60:.1f} min; results in {args.out}")
+    if runner.failed:
+        print(f"{len(runner.failed)} run(s) failed before training and are left out:", *runner.failed, sep="\n  ")
+        return 1
     return 0
 
 

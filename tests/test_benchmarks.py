@@ -124,6 +124,37 @@ def test_wsd_rate_sweep_reports_the_best_rate_per_budget(tmp_path):
     assert "| angpt | 0.012 | 4.7000 | 4.3000 | 4.0000 |" in md and "4.0000 (0.012)" in md
 
 
+@pytest.mark.timeout(120)
+def test_runner_sets_runs_that_fail_before_training_apart_from_diverged_ones(tmp_path):
+    import convergence
+
+    cfg = dict(convergence.SMOKE, full_validation=False, warmup={"angpt": 3})
+    runner = convergence.Runner(str(tmp_path), cfg, tok="unused.model", data="unused")
+    # --warmup: its own run names and flag, for that architecture only
+    spec = dict(name="angpt_lr0.003", arch="angpt", lr=0.003, extra=["--no-such-flag"])
+    assert runner.run_dir(spec) == str(tmp_path / "runs" / "angpt_lr0.003_warmup3")
+    cmd = runner.command("angpt", 0.003, 1234, "m.jsonl", 8, [])
+    assert cmd[cmd.index("--lr-warmup-iters") + 1] == "3"
+    assert "--lr-warmup-iters" not in runner.command("gptplus", 0.003, 1234, "m.jsonl", 8, [])
+    assert convergence.warmup_iters("angpt", 400, cfg["warmup"]) == 3
+    # a run that exits before its first step is reported and left out, not counted as diverged
+    assert runner.run([spec]) == {"angpt_lr0.003": None}
+    assert runner.failed == [str(tmp_path / "runs" / "angpt_lr0.003_warmup3" / "train.log")]
+    assert "--no-such-flag" in (tmp_path / "runs" / "angpt_lr0.003_warmup3" / "train.log").read_text()
+    # a run stopped after non-finite steps has training records: it diverged
+    stopped = tmp_path / "stopped.jsonl"
+    stopped.write_text(json.dumps({"iteration": 2, "lm_loss": None, "grad_norm": None}) + "\n")
+    assert convergence.has_training_records(str(stopped))
+    assert convergence.final_val(str(stopped)) == math.inf
+    # ... and a resumed benchmark does not start it again once the runner recorded the divergence
+    assert not convergence.is_finished(str(stopped), 8)
+    (tmp_path / "outcome.json").write_text(json.dumps(dict(returncode=convergence.EXIT_DIVERGED, diverged=True)))
+    assert convergence.is_finished(str(stopped), 8)
+    outcome = json.loads((tmp_path / "runs" / "angpt_lr0.003_warmup3" / "outcome.json").read_text())
+    assert outcome == dict(returncode=2, diverged=False)  # the bad flag's exit status
+    assert not convergence.has_training_records(str(tmp_path / "missing.jsonl"))
+
+
 @pytest.mark.timeout(600)
 def test_convergence_smoke_run_and_plot(tmp_path):
     """Every stage on tiny runs: sweep, one bracketing round, a second seed, WSD cool-downs."""

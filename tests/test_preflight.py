@@ -27,6 +27,7 @@ from an_megatron.data.indexed import STATS_SUFFIX, CompactIndexedDatasetBuilder,
 from an_megatron.data.merge import merge_datasets
 from an_megatron.data.preprocess import preprocess
 from an_megatron.training.metrics import MetricsSink, console_line
+from an_megatron.training.pretrain import EXIT_DIVERGED
 
 FP32 = ["--deepspeed_config", "examples/ds_fp32.json"]
 SMALL = [*TINY, *FP32, "--micro-batch-size", "2", "--global-batch-size", "2"]
@@ -246,7 +247,7 @@ def test_skipped_steps_are_reported_as_such_and_the_stop_names_the_checkpoint_be
     out = subprocess.run(
         [sys.executable, "-c", INJECT, "3,4,5", *flags], capture_output=True, text=True, timeout=280, cwd=ROOT
     )
-    assert out.returncode == 1, (out.stdout + out.stderr)[-3000:]
+    assert out.returncode == EXIT_DIVERGED, (out.stdout + out.stderr)[-3000:]
     lines = {
         int(line.split()[1].split("/")[0]): line for line in out.stdout.splitlines() if line.startswith(" iteration")
     }
@@ -283,7 +284,7 @@ def test_a_resumed_run_that_saved_nothing_names_the_checkpoint_it_loaded(tmp_pat
         timeout=200,
         cwd=ROOT,
     )
-    assert out.returncode == 1, (out.stdout + out.stderr)[-3000:]
+    assert out.returncode == EXIT_DIVERGED, (out.stdout + out.stderr)[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: 2 consecutive steps with a non-finite loss or gradient (iterations 3 to 4); stopping. "

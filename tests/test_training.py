@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from an_megatron.training.pretrain import EXIT_DIVERGED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--num-layers",
@@ -272,7 +274,7 @@ def test_nonfinite_steps_stop_training_and_save_no_checkpoint_of_overflowing_wei
             *MOCK,
         ]
     )
-    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.returncode == EXIT_DIVERGED, out.stderr[-3000:]
     # Step 1 had a finite loss and gradient but left weights of about 1e30: their squared norm
     # overflows, so that checkpoint is not saved; nothing is saved during the non-finite streak.
     assert "not saving the checkpoint of iteration 1: the weights' norm is inf" in out.stdout

@@ -41,6 +41,16 @@ class TrainingError(RuntimeError):
     pass
 
 
+class DivergedError(TrainingError):
+    """``--max-nonfinite-steps`` consecutive non-finite steps: the run diverged."""
+
+
+# pretrain's exit status when a run stops after non-finite steps (1 is any other error, 2 a
+# bad flag): a job script or scheduler can tell a diverged run, which a plain relaunch would
+# repeat, from a crash worth relaunching.
+EXIT_DIVERGED = 3
+
+
 def print_rank0(*a, **k):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
@@ -372,7 +382,7 @@ class Trainer:
             if (periodic or final) and self.nonfinite_streak == 0:
                 self.save()
             if self.nonfinite_streak >= c.max_nonfinite_steps:
-                raise TrainingError(self.stop_report())
+                raise DivergedError(self.stop_report())
             if c.eval_interval and (self.iteration % c.eval_interval == 0 or self.iteration == c.train_iters):
                 t_eval = time.perf_counter()
                 self._log_eval()
@@ -535,7 +545,7 @@ def pretrain(argv=None) -> int:
         return 0
     except (ConfigError, CheckpointError, TrainingError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return EXIT_DIVERGED if isinstance(e, DivergedError) else 1
     except Exception as e:  # data errors and friends carry a one-line message too
         from an_megatron.data import DataError
 
