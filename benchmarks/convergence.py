@@ -379,7 +379,11 @@ def wsd_points(best: dict[str, float], factors: list[float], seeds: list[int]) -
 
 
 def final_val(metrics_path: str | None) -> float:
-    evals = read_metrics(metrics_path)["eval"] if metrics_path and os.path.exists(metrics_path) else []
+    """The last validation loss; inf for a run that diverged (its last evaluation before the
+    stop may still have been finite) or never evaluated."""
+    if not (metrics_path and os.path.exists(metrics_path)) or run_outcome(metrics_path).get("diverged"):
+        return math.inf
+    evals = read_metrics(metrics_path)["eval"]
     loss = evals[-1]["val_loss"] if evals else math.nan
     return loss if math.isfinite(loss) else math.inf
 

@@ -150,6 +150,9 @@ def test_runner_sets_runs_that_fail_before_training_apart_from_diverged_ones(tmp
     assert not convergence.is_finished(str(stopped), 8)
     (tmp_path / "outcome.json").write_text(json.dumps(dict(returncode=convergence.EXIT_DIVERGED, diverged=True)))
     assert convergence.is_finished(str(stopped), 8)
+    # an evaluation before the stop may have been finite: the run still counts as diverged
+    stopped.write_text(stopped.read_text() + json.dumps({"iteration": 2, "val_loss": 5.9e18}) + "\n")
+    assert convergence.final_val(str(stopped)) == math.inf
     outcome = json.loads((tmp_path / "runs" / "angpt_lr0.003_warmup3" / "outcome.json").read_text())
     assert outcome == dict(returncode=2, diverged=False)  # the bad flag's exit status
     assert not convergence.has_training_records(str(tmp_path / "missing.jsonl"))
