@@ -138,10 +138,10 @@ def main(argv=None) -> int:
         f"{config.arch}: d={config.hidden_size} H={config.num_attention_heads} f={config.ffn_hidden_size} "
         f"T={config.seq_length} nu_att={config.nu_att}; norms over {tokens.numel()} tokens (target 1)"
     )
-    print(f"{'layer':>5}  {'quantity':<32} {'mean':>8} {'std':>8}")
+    print(f"{'layer':>5}  {'quantity':<32} {'mean':>8} {'std':>8} {'max':>10}")
     for r in records:
         layer = "-" if r["layer"] is None else r["layer"]
-        print(f"{layer:>5}  {r['what']:<32} {r['mean']:8.4f} {r['std']:8.4f}")
+        print(f"{layer:>5}  {r['what']:<32} {r['mean']:8.4f} {r['std']:8.4f} {r['max']:10.4g}")
     return 0
 
 

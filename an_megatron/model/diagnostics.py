@@ -1,9 +1,11 @@
 """Measured norms of the quantities anGPT's factors claim to normalize.
 
 Every ``Tap`` in the model marks such a quantity. ``measure_norms`` runs a forward pass with a
-hook on each tap and reports, per tap, the mean and standard deviation over tokens of the
-norm along the last dimension (per head for ``(b, s, heads, d_h)`` tensors). For anGPT each
-should be near 1 at initialization; that is the approximation the method rests on.
+hook on each tap and reports, per tap, the mean, standard deviation and maximum over tokens of
+the norm along the last dimension (per head for ``(b, s, heads, d_h)`` tensors). For anGPT each
+should be near 1 at initialization; that is the approximation the method rests on. The maximum
+shows the tokens a mean hides: nothing renormalizes anGPT's hidden state, so a few tokens whose
+norm has grown are where a divergence starts (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _layer_and_name(module_name: str) -> tuple[int | None, str]:
 @torch.no_grad()
 def measure_norms(model: torch.nn.Module, tokens: torch.Tensor, tp_group=None) -> list[dict]:
     """One record per tap: ``layer`` (None outside the blocks), ``name``, ``what``, ``mean``,
-    ``std``, ``target`` (1.0). Norms of tensor-parallel-sharded taps are summed over
+    ``std``, ``max``, ``target`` (1.0). Norms of tensor-parallel-sharded taps are summed over
     ``tp_group``, so every rank reports whole-vector norms."""
     records, handles = [], []
 
@@ -58,6 +60,7 @@ def measure_norms(model: torch.nn.Module, tokens: torch.Tensor, tp_group=None) -
                     what=TAP_NAMES.get(short, short),
                     mean=norms.mean().item(),
                     std=norms.std().item(),
+                    max=norms.max().item(),
                     target=1.0,
                 )
             )
