@@ -47,6 +47,13 @@ def test_recipe_resumes_once_a_checkpoint_exists(tmp_path):
     assert argv[argv.index("--load") + 1] == str(tmp_path / "angpt" / "ckpt")
 
 
+def test_recipe_warmup_for_the_normalized_models(tmp_path):
+    cfg, _ = parse_args(flags("angpt", tmp_path, WARMUP_ANGPT="190"), world_size=8)
+    assert cfg.lr_warmup_iters == 190
+    cfg, _ = parse_args(flags("ngpt", tmp_path, WARMUP_ANGPT="190"), world_size=8)
+    assert cfg.lr_warmup_iters == 0  # each architecture's own variable
+
+
 def test_recipe_estimate_uses_the_trainers_flop_count(tmp_path):
     out = run(ESTIMATE="1", GPUS="8", OUT=str(tmp_path))
     assert out.returncode == 0, out.stderr

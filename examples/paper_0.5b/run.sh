@@ -12,6 +12,7 @@
 #   GLOBAL_BATCH sequences per step (of SEQ tokens)                                        default 512
 #   MICRO       sequences per GPU per micro-step                                              default 8
 #   LR_GPTPLUS LR_NGPT LR_ANGPT   peak learning rates               default 1.5e-3 / 3e-3 / 3e-3
+#   WARMUP_NGPT WARMUP_ANGPT      linear warm-up iterations         default none (the paper's setting)
 #   OUT         output root (checkpoints, metrics)                              default runs/paper_0.5b
 #   PRINT_ARGS=1  print each run's pretrain_angpt.py flags (one run per line) and exit
 #   ESTIMATE=1    print parameters, FLOPs and the expected hours per run on H100/H200, and exit
@@ -27,6 +28,15 @@ TOKENS=${TOKENS:-10000000000}
 ITERS=$(( TOKENS / (GLOBAL_BATCH * SEQ) ))
 OUT=${OUT:-runs/paper_0.5b}
 TOKENIZER=${TOKENIZER:-gpt-neox-20b/}
+
+warmup_flag() {
+    local iters=""
+    case "$1" in
+        ngpt) iters=${WARMUP_NGPT:-} ;;
+        angpt) iters=${WARMUP_ANGPT:-} ;;
+    esac
+    if [ -n "$iters" ]; then echo --lr-warmup-iters "$iters"; fi
+}
 
 lr_for() {
     case "$1" in
@@ -44,7 +54,8 @@ done
 
 # 24 layers, d=1024, 16 heads of 64, SwiGLU with f=4096, RoPE, context 2048: 0.50B parameters
 # with GPT-NeoX's vocabulary (50277, padded to 50304). Cosine decay to 0;
-# GPT+ gets AdamW with weight decay 0.1 and 2% warm-up (its defaults), nGPT and anGPT neither.
+# GPT+ gets AdamW with weight decay 0.1 and 10% warm-up (its defaults), nGPT and anGPT neither
+# unless WARMUP_NGPT / WARMUP_ANGPT say so.
 # An interrupted run resumes from its newest checkpoint when relaunched.
 resume_flag() {
     if [ -f "$OUT/$1/ckpt/latest" ]; then echo --load "$OUT/$1/ckpt"; fi
@@ -56,7 +67,7 @@ flags_for() {
         --arch "$arch" --num-layers 24 --hidden-size 1024 --num-attention-heads 16 \
         --ffn-hidden-size 4096 --seq-length "$SEQ" \
         --micro-batch-size "$MICRO" --global-batch-size "$GLOBAL_BATCH" \
-        --train-iters "$ITERS" --lr "$(lr_for "$arch")" --lr-decay-style cosine \
+        --train-iters "$ITERS" --lr "$(lr_for "$arch")" --lr-decay-style cosine $(warmup_flag "$arch") \
         --data-path "${DATA:-DATA_PREFIX}" --split 998,2,0 --num-workers 2 \
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER" \
         --save "$OUT/$arch/ckpt" --save-interval 1000 $(resume_flag "$arch") \
