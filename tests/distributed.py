@@ -190,3 +190,25 @@ def full_named_tensors(module: torch.nn.Module, group, grads: bool = False) -> d
             t = gather_tp_tensor(t, p.partition_dim, p.partition_stride, group)
         out[name] = t.detach().clone()
     return out
+
+
+def bounded_adam_steps(model: torch.nn.Module, loss_fn, steps: int = 3) -> None:
+    """``steps`` Adam steps on ``loss_fn()`` with the norm bound applied after each, starting
+    from every matrix pushed 1.5x past the bound, so that the bound acts on all of them.
+
+    Adam's step is ``lr * m / (sqrt(v) + eps)``: for a gradient near zero it multiplies the fp32
+    rounding of ``g`` (summed in another order under TP) by ``lr / max(|g|, eps)``. With eps 1e-4
+    that stays below the layouts' tolerance; with the default 1e-8 a 1e-9 gradient's last bits
+    move a weight by about ``lr``. Layout tests compare the gradients themselves separately."""
+    from an_megatron.optim import constrain_parameters_
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(1.5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        constrain_parameters_(model.parameters())

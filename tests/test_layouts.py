@@ -9,30 +9,57 @@ data-parallel ranks, gradient accumulation, loss averaging, pipeline batch feedi
 import pytest
 from test_training import MOCK, TINY, losses, run
 
-COMMON = [
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    "5",
-    "--lr",
-    "1e-2",
-    "--clip-grad",
-    "0",
-    "--num-layers",
-    "2",
-    *TINY[2:],
-    *MOCK,
-]
+
+def layout_flags(num_layers: int, train_iters: int, *extra: str) -> list[str]:
+    """What every layout run and its single-process reference share: a global batch of 8 in
+    micro-batches of 2, fp32, no clipping, mock data."""
+    return [
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(train_iters),
+        "--lr",
+        "1e-2",
+        "--clip-grad",
+        "0",
+        "--num-layers",
+        str(num_layers),
+        *extra,
+        *TINY[2:],
+        *MOCK,
+    ]
+
+
+def single_process_run(tmp_path_factory, common: list[str]):
+    """The reference: ``common`` in one process. Returns (the completed process, {iteration: loss})."""
+    path = tmp_path_factory.mktemp("ref") / "m.jsonl"
+    out = run(common + ["--deepspeed_config", "examples/ds_fp32.json", "--metrics-file", str(path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, losses(path)
+
+
+def assert_two_ranks_match(common: list[str], flags: list[str], reference: dict, tmp_path):
+    """``common + flags`` on 2 ranks logs the reference's loss at every iteration (rel 1e-5).
+    Returns the completed process."""
+    out = run(
+        common + flags + ["--metrics-file", str(tmp_path / "m.jsonl")], launcher=["torchrun", "--nproc_per_node", "2"]
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == sorted(reference) == list(range(1, len(reference) + 1))
+    for it in reference:
+        assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
+    return out
+
+
+COMMON = layout_flags(2, 5)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "m.jsonl"
-    out = run(COMMON + ["--deepspeed_config", "examples/ds_fp32.json", "--metrics-file", str(path)])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return losses(path)
+    return single_process_run(tmp_path_factory, COMMON)[1]
 
 
 LAYOUTS = {
@@ -50,11 +77,5 @@ def test_layout_losses_match_single_process(layout, reference, tmp_path):
     (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
     (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
     flags = [f.format(zero0=tmp_path / "zero0.json", zero3=tmp_path / "zero3.json") for f in LAYOUTS[layout]]
-    out = run(
-        COMMON + flags + ["--metrics-file", str(tmp_path / "m.jsonl")], launcher=["torchrun", "--nproc_per_node", "2"]
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    got = losses(tmp_path / "m.jsonl")
-    assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
-    for it in reference:
-        assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
+    assert len(reference) == 5
+    assert_two_ranks_match(COMMON, flags, reference, tmp_path)

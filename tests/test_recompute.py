@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_layouts import assert_two_ranks_match, layout_flags, single_process_run
 from test_training import MOCK, TINY, losses, run
 
 from an_megatron.model import GPTModel, ModelConfig
@@ -187,33 +188,14 @@ def test_checkpoint_with_recompute_loads_into_model_without(single_process, tmp_
 
 # ---- through the training entry point ----------------------------------------------------------
 
-COMMON = [
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    "3",
-    "--lr",
-    "1e-2",
-    "--clip-grad",
-    "0",
-    "--num-layers",
-    "4",
-    "--reset-attention-mask",
-    "--reset-position-ids",
-    *TINY[2:],
-    *MOCK,
-]
+COMMON = layout_flags(4, 3, "--reset-attention-mask", "--reset-position-ids")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "m.jsonl"
-    out = run(COMMON + ["--deepspeed_config", "examples/ds_fp32.json", "--metrics-file", str(path)])
-    assert out.returncode == 0, out.stderr[-3000:]
+    out, reference = single_process_run(tmp_path_factory, COMMON)
     assert "no recompute" in out.stdout
-    return losses(path)
+    return reference
 
 
 RUNS = {
@@ -258,15 +240,9 @@ def test_training_with_recompute_matches_single_process_without(layout, referenc
         flags = flags + ["--deepspeed_config", str(tmp_path / "zero0.json")]
     else:
         flags = flags + ["--deepspeed_config", "examples/ds_fp32.json"]
-    out = run(
-        COMMON + flags + ["--metrics-file", str(tmp_path / "m.jsonl")], launcher=["torchrun", "--nproc_per_node", "2"]
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert len(reference) == 3
+    out = assert_two_ranks_match(COMMON, flags, reference, tmp_path)
     assert described in out.stdout
-    got = losses(tmp_path / "m.jsonl")
-    assert sorted(got) == sorted(reference) == [1, 2, 3]
-    for it in reference:
-        assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
 
 
 @pytest.mark.timeout(600)

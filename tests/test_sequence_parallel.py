@@ -10,7 +10,7 @@ one spawn per world size.
 
 import pytest
 import torch
-from distributed import current_device, full_named_tensors, run_distributed
+from distributed import bounded_adam_steps, current_device, full_named_tensors, run_distributed
 from test_layouts import COMMON
 from test_training import losses, run
 
@@ -55,7 +55,6 @@ def _batch(gen, batch, documents):
 
 
 def _model_cases(tp, sequence_parallel, cases):
-    from an_megatron.optim import constrain_parameters_
     from an_megatron.parallel import initialize_parallel, tp_group
     from an_megatron.parallel.tensor_parallel import gather_tp_tensor
 
@@ -70,17 +69,7 @@ def _model_cases(tp, sequence_parallel, cases):
         loss = model.loss(inputs, labels, loss_mask, **masking)
         loss.backward()
         result = dict(logits=logits, loss=loss.detach(), grads=full_named_tensors(model, tp_group(), grads=True))
-        with torch.no_grad():  # push every weight past the bound, so that it acts
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.mul_(1.5)
-        # eps 1e-4: see tests/test_tensor_parallel.py (near-zero gradients summed in another order)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
-        for _ in range(3):
-            opt.zero_grad()
-            model.loss(inputs, labels, loss_mask, **masking).backward()
-            opt.step()
-            constrain_parameters_(model.parameters())
+        bounded_adam_steps(model, lambda: model.loss(inputs, labels, loss_mask, **masking))
         result["weights"] = full_named_tensors(model, tp_group())
         out[(arch, documents, nu_att)] = result
     return out

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from distributed import FP32_RTOL, current_device, full_named_tensors, run_distributed
+from distributed import FP32_RTOL, bounded_adam_steps, current_device, full_named_tensors, run_distributed
 
 ARCHS = ["angpt", "ngpt", "gptplus"]
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
@@ -10,7 +10,6 @@ SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_siz
 
 def _train(arch, tp, nu_att="gaussian", documents=False):
     from an_megatron.model import GPTModel, ModelConfig
-    from an_megatron.optim import constrain_parameters_
     from an_megatron.parallel import initialize_parallel, tp_group
     from an_megatron.parallel.tensor_parallel import gather_tp_tensor
 
@@ -33,21 +32,7 @@ def _train(arch, tp, nu_att="gaussian", documents=False):
     loss.backward()
     out = dict(logits=logits, loss=loss.detach(), grads=full_named_tensors(model, tp_group(), grads=True))
 
-    with torch.no_grad():  # push every weight past the bound, so that it acts
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(1.5)
-    # Adam's step is lr * m / (sqrt(v) + eps): for a gradient near zero it multiplies the fp32
-    # rounding of g (summed in another order under TP) by lr / max(|g|, eps). With eps = 1e-4
-    # that stays below the tolerance (with the default 1e-8 a 1e-9 gradient's last bits move a
-    # weight by ~lr). The gradients themselves are compared above; the 1.5x push makes the
-    # bound act on every matrix.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
-    for _ in range(3):
-        opt.zero_grad()
-        model.loss(inputs, labels, **masking).backward()
-        opt.step()
-        constrain_parameters_(model.parameters())
+    bounded_adam_steps(model, lambda: model.loss(inputs, labels, **masking))
     out["weights"] = full_named_tensors(model, tp_group())
     return out
 
