@@ -24,10 +24,11 @@ whole validation split (``--full-validation``). The stages:
 
 A finished run is not repeated (its metrics file is complete, or it stopped after non-finite
 steps: diverged), so an interrupted benchmark continues where it stopped; a run that fails
-before its first step (a bad flag) is reported with its log and left out, never counted as
-diverged. ``--warmup ARCH:ITERS`` gives an architecture a warm-up other than its default, in
-runs of their own names (``NAME_warmupITERS``). Writes ``summary.md``, ``summary.json`` and PNG plots into
-``--out``; every run's metrics JSONL is under ``--out/runs/NAME/``.
+otherwise (a bad flag, a crash, a kill) is reported with its log and left out, never counted
+as diverged nor summarized from a partial curve. ``--warmup ARCH:ITERS`` gives an
+architecture a warm-up other than its default, in runs of their own names
+(``NAME_warmupITERS``). Writes ``summary.md``, ``summary.json`` and PNG plots into ``--out``;
+every run's metrics JSONL is under ``--out/runs/NAME/``.
 """
 
 from __future__ import annotations
@@ -192,21 +193,15 @@ def warmup_iters(arch: str, iters: int, overrides: dict[str, int] | None = None)
     return ARCH_SPECS[arch].optimizer.warmup_iters(iters)
 
 
-def has_training_records(metrics: str) -> bool:
-    """Whether a run recorded at least one training step: a run that stopped after non-finite
-    steps has (it diverged); one that failed before its first step (a bad flag, a missing
-    module) has not, and must not be counted as diverged."""
-    return os.path.exists(metrics) and bool(read_metrics(metrics)["train"])
-
-
 class Runner:
     """Starts training runs (``jobs`` at a time, each with ``2 / jobs`` threads), skipping any
     whose metrics already hold its final evaluation, so an interrupted benchmark resumes.
 
     ``cfg["warmup"]`` ({arch: iterations}, from ``--warmup``) replaces an architecture's default
     warm-up in every run of it; those runs live under their own names (``NAME_warmupN``), so
-    they never mix with the default runs in the same ``--out``. A run that fails before its
-    first training step is reported (with its log) and returned as None."""
+    they never mix with the default runs in the same ``--out``. A run that neither finished nor
+    diverged (any exit status but 0 and ``EXIT_DIVERGED``: a bad flag, a crash, a kill) is
+    reported with its log and returned as None, so a partial curve is never summarized."""
 
     def __init__(self, out, cfg, tok, data, jobs=1, summarize_only=False):
         self.out, self.cfg, self.tok, self.data = out, cfg, tok, data
@@ -296,8 +291,8 @@ class Runner:
             with open(outcome, "w") as f:
                 json.dump(dict(returncode=rc, diverged=rc == EXIT_DIVERGED), f)
             print(f"  {os.path.basename(run_dir)}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
-            if rc != 0 and not has_training_records(metrics):
-                print(f"  {os.path.basename(run_dir)} FAILED before its first training step; see {log}", flush=True)
+            if rc not in (0, EXIT_DIVERGED):
+                print(f"  {os.path.basename(run_dir)} FAILED (exit {rc}), left out; see {log}", flush=True)
                 self.failed.append(log)
                 return spec["name"], None
             return spec["name"], metrics
@@ -755,7 +750,7 @@ def main(argv=None) -> int:
         print(f"(no plots: {e})")
     print(f"benchmark wall time {summary['wall_time_s'] / 60:.1f} min; results in {args.out}")
     if runner.failed:
-        print(f"{len(runner.failed)} run(s) failed before training and are left out:", *runner.failed, sep="\n  ")
+        print(f"{len(runner.failed)} run(s) failed and are left out:", *runner.failed, sep="\n  ")
         return 1
     return 0
 

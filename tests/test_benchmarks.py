@@ -125,7 +125,7 @@ def test_wsd_rate_sweep_reports_the_best_rate_per_budget(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_runner_sets_runs_that_fail_before_training_apart_from_diverged_ones(tmp_path):
+def test_runner_sets_failed_runs_apart_from_diverged_ones(tmp_path):
     import convergence
 
     cfg = dict(convergence.SMOKE, full_validation=False, warmup={"angpt": 3})
@@ -137,14 +137,13 @@ def test_runner_sets_runs_that_fail_before_training_apart_from_diverged_ones(tmp
     assert cmd[cmd.index("--lr-warmup-iters") + 1] == "3"
     assert "--lr-warmup-iters" not in runner.command("gptplus", 0.003, 1234, "m.jsonl", 8, [])
     assert convergence.warmup_iters("angpt", 400, cfg["warmup"]) == 3
-    # a run that exits before its first step is reported and left out, not counted as diverged
+    # a run that exits with neither 0 nor EXIT_DIVERGED is reported and left out, not counted as diverged
     assert runner.run([spec]) == {"angpt_lr0.003": None}
     assert runner.failed == [str(tmp_path / "runs" / "angpt_lr0.003_warmup3" / "train.log")]
     assert "--no-such-flag" in (tmp_path / "runs" / "angpt_lr0.003_warmup3" / "train.log").read_text()
-    # a run stopped after non-finite steps has training records: it diverged
+    # a run stopped after non-finite steps (no evaluation yet) ranks as diverged
     stopped = tmp_path / "stopped.jsonl"
     stopped.write_text(json.dumps({"iteration": 2, "lm_loss": None, "grad_norm": None}) + "\n")
-    assert convergence.has_training_records(str(stopped))
     assert convergence.final_val(str(stopped)) == math.inf
     # ... and a resumed benchmark does not start it again once the runner recorded the divergence
     assert not convergence.is_finished(str(stopped), 8)
@@ -155,7 +154,7 @@ def test_runner_sets_runs_that_fail_before_training_apart_from_diverged_ones(tmp
     assert convergence.final_val(str(stopped)) == math.inf
     outcome = json.loads((tmp_path / "runs" / "angpt_lr0.003_warmup3" / "outcome.json").read_text())
     assert outcome == dict(returncode=2, diverged=False)  # the bad flag's exit status
-    assert not convergence.has_training_records(str(tmp_path / "missing.jsonl"))
+    assert convergence.final_val(str(tmp_path / "missing.jsonl")) == math.inf
 
 
 @pytest.mark.timeout(600)
