@@ -40,15 +40,15 @@ def single_process_run(tmp_path_factory, common: list[str]):
     return out, losses(path)
 
 
-def assert_two_ranks_match(common: list[str], flags: list[str], reference: dict, tmp_path):
-    """``common + flags`` on 2 ranks logs the reference's loss at every iteration (rel 1e-5).
-    Returns the completed process."""
+def assert_ranks_match(args: list[str], reference: dict, iters: int, metrics, nproc: int = 2, timeout: int = 300):
+    """``args`` (writing ``metrics``) on ``nproc`` ranks logs the reference's loss at each of
+    iterations 1..``iters`` (rel 1e-5). Returns the completed process."""
     out = run(
-        common + flags + ["--metrics-file", str(tmp_path / "m.jsonl")], launcher=["torchrun", "--nproc_per_node", "2"]
+        args + ["--metrics-file", str(metrics)], launcher=["torchrun", "--nproc_per_node", str(nproc)], timeout=timeout
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    got = losses(tmp_path / "m.jsonl")
-    assert sorted(got) == sorted(reference) == list(range(1, len(reference) + 1))
+    got = losses(metrics)
+    assert sorted(got) == sorted(reference) == list(range(1, iters + 1))
     for it in reference:
         assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
     return out
@@ -77,5 +77,4 @@ def test_layout_losses_match_single_process(layout, reference, tmp_path):
     (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
     (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
     flags = [f.format(zero0=tmp_path / "zero0.json", zero3=tmp_path / "zero3.json") for f in LAYOUTS[layout]]
-    assert len(reference) == 5
-    assert_two_ranks_match(COMMON, flags, reference, tmp_path)
+    assert_ranks_match(COMMON + flags, reference, 5, tmp_path / "m.jsonl")

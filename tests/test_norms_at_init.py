@@ -112,6 +112,6 @@ def test_measure_norms_tool_json():
     assert len(records) == 1 + 2 * 10
     for r in records:
         assert {"layer", "name", "mean", "std", "max"} <= r.keys()
-        assert r["mean"] <= r["max"] < r["mean"] + 10 * r["std"] + 1e-6  # the largest token's norm
+        assert r["mean"] <= r["max"] < 3  # the largest token's (or head's) norm: near 1 at initialization too
     assert {r["layer"] for r in records} == {None, 0, 1}
     assert all(abs(r["mean"] - 1) < 0.15 for r in records), records

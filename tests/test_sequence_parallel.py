@@ -11,7 +11,7 @@ one spawn per world size.
 import pytest
 import torch
 from distributed import bounded_adam_steps, current_device, full_named_tensors, run_distributed
-from test_layouts import COMMON
+from test_layouts import COMMON, assert_ranks_match
 from test_training import losses, run
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, vocab_size=256, seq_length=32)
@@ -259,20 +259,9 @@ def test_sequence_parallel_entry_point_losses_match_single_process(layout, refer
     _, reference = reference_run
     nproc, flags = LAYOUTS[layout]
     (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
-    out = run(
-        COMMON
-        + flags
-        + ["--sequence-parallel", "--deepspeed_config", str(tmp_path / "zero0.json")]
-        + ["--metrics-file", str(tmp_path / "m.jsonl")],
-        launcher=["torchrun", "--nproc_per_node", str(nproc)],
-        timeout=840,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    args = COMMON + flags + ["--sequence-parallel", "--deepspeed_config", str(tmp_path / "zero0.json")]
+    out = assert_ranks_match(args, reference, 5, tmp_path / "m.jsonl", nproc=nproc, timeout=840)
     assert "TP=2 (sequence parallel)" in out.stdout
-    got = losses(tmp_path / "m.jsonl")
-    assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
-    for it in reference:
-        assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
 
 
 def test_pipeline_config_turns_partitioning_off():
@@ -297,14 +286,5 @@ def test_sequence_parallel_entry_point_with_documents(tmp_path):
     flags += ["--deepspeed_config", "examples/ds_fp32.json"]
     ref = run(flags + ["--metrics-file", str(tmp_path / "ref.jsonl")], timeout=400)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    out = run(
-        flags
-        + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--metrics-file", str(tmp_path / "sp.jsonl")],
-        launcher=["torchrun", "--nproc_per_node", "2"],
-        timeout=400,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    reference, got = losses(tmp_path / "ref.jsonl"), losses(tmp_path / "sp.jsonl")
-    assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
-    for it in reference:
-        assert got[it] == pytest.approx(reference[it], rel=1e-5), (it, got, reference)
+    sp = flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    assert_ranks_match(sp, losses(tmp_path / "ref.jsonl"), 5, tmp_path / "sp.jsonl", timeout=400)
