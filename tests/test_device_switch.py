@@ -120,13 +120,12 @@ def test_more_processes_than_gpus_is_refused_naming_local_rank(monkeypatch):
 
 
 def test_launched_training_runs_follow_the_switch():
-    """conftest points DeepSpeed's accelerator (and so the launched runs' backend) at the choice
-    for their 2 processes."""
-    requested = os.environ.get(DEVICE_ENV)
-    try:
-        expected = choose_device(2, distributed.gpu_count(), requested)
-    except DeviceUnavailable:
-        expected = "cuda"
+    """conftest points DeepSpeed's accelerator (and so the launched runs' backend) at the device
+    for their 2 processes, stated here as the rule rather than by calling the switch again: CPU
+    when asked for, or when nothing is asked and there are fewer than 2 GPUs; else cuda (with
+    AN_MEGATRON_TEST_DEVICE=cuda even without the GPUs, so that such runs fail loudly)."""
+    requested, gpus = os.environ.get(DEVICE_ENV) or None, distributed.gpu_count()
+    expected = "cpu" if requested == "cpu" or (requested is None and gpus < 2) else "cuda"
     assert os.environ["DS_ACCELERATOR"] == expected
 
 
